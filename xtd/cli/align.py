@@ -1,0 +1,1 @@
+"""`xtd align` command (being written)."""

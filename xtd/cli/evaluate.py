@@ -1,0 +1,1 @@
+"""`xtd evaluate` command (being written)."""

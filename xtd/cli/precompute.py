@@ -1,0 +1,1 @@
+"""`xtd precompute` command (being written)."""

@@ -1,0 +1,1 @@
+"""`xtd store` command (being written)."""

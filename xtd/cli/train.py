@@ -1,0 +1,1 @@
+"""`xtd train` command (being written)."""

@@ -1,0 +1,75 @@
+"""The one rich console (stderr), logging set-up and the progress-bar factory.
+
+Nothing here runs at import time: the CLI calls :func:`setup_logging` once.
+stdout carries results only; everything a person reads while a job runs goes to
+stderr through :data:`console`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = ["console", "setup_logging", "progress_bar", "set_progress_enabled"]
+
+console = Console(stderr=True)
+_progress_enabled = True
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """Install a RichHandler on the root ``xtd`` logger.
+
+    Args:
+        verbosity: -1 quiet (warnings only), 0 info, 1 or more debug.
+    """
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logger = logging.getLogger("xtd")
+    logger.handlers.clear()
+    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def set_progress_enabled(enabled: bool) -> None:
+    """Turn progress bars on or off (``--quiet`` turns them off)."""
+    global _progress_enabled
+    _progress_enabled = enabled
+
+
+@contextmanager
+def progress_bar(*extra_columns: TextColumn) -> Iterator[Progress]:
+    """A rich Progress on the shared console; disabled when stderr is no terminal.
+
+    Usage::
+
+        with progress_bar() as progress:
+            task = progress.add_task("documents", total=n)
+            progress.update(task, advance=1)
+    """
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (_progress_enabled and console.is_terminal),
+        transient=False,
+    )
+    with progress:
+        yield progress
