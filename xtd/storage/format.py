@@ -1,0 +1,360 @@
+"""Schema of the teacher shard store, format version 1 (DESIGN.md §3, docs/format.md).
+
+A store is a Zarr v3 group. Its root attribute ``xtd`` describes the whole dataset
+(teacher, tokenizer, settings, the manifest of parts); each writer (one per rank) owns
+one part group, and a part is a list of immutable shard groups, each a small CSR
+dataset of whole documents. This module holds the names, the metadata records and
+the few helpers every other storage module shares: opening a URL as a zarr store,
+reading/writing group metadata, checksums.
+
+Dimension letters: ``D`` documents, ``N`` token rows, ``K`` top-k, ``C`` boundary
+classes, ``H`` hidden size, ``M`` loss spans. Byte spans are half-open ``[start, end)``
+offsets into the UTF-8 bytes of one document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, ZipStore
+
+from xtd.errors import ConfigError, StoreFormatError, StoreNotFoundError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "BOUNDARY_CLASSES",
+    "Document",
+    "StoreUrl",
+    "open_zarr_store",
+    "read_json",
+    "write_group_json",
+    "read_group_attrs",
+    "read_root_meta",
+    "checksum",
+    "part_name",
+    "shard_name",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "xtd-teacher-shards"
+FORMAT_VERSION = 1
+CHECKSUM_ALGORITHM = "crc32c"
+
+# Column order of boundary_logmass (spec/ALM.md §6). Kept here rather than imported from
+# xtd.tokenization so that storage depends on nothing above it (DESIGN.md §2).
+BOUNDARY_CLASSES: tuple[str, ...] = ("space", "newline", "tab", "special")
+
+ROOT_ATTR = "xtd"
+PART_ATTR = "xtd_part"
+SHARD_ATTR = "xtd_shard"
+ALIGNMENT_ATTR = "xtd_alignment"
+
+# Arrays of one shard group: name -> (stored dtype, trailing shape kind, row space).
+# Row spaces: "doc" (D), "doc+1" (D+1, offsets), "byte" (text bytes), "token" (N),
+# "loss" (M). Trailing kinds are resolved per store (K, C, H).
+DOC_ARRAYS = ("doc_index", "doc_token_offsets", "doc_byte_offsets")
+TOKEN_ARRAYS_REQUIRED = ("token_ids", "token_spans", "token_logprob", "boundary_logmass")
+TOKEN_ARRAYS_TOPK = ("topk_ids", "topk_logprobs", "tail_logmass")
+
+StoreUrl = str | Path | Store
+
+
+@dataclasses.dataclass(kw_only=True)
+class Document:
+    """One scored document: its exact bytes and every per-token quantity.
+
+    Attributes:
+        text: the exact UTF-8 bytes the teacher saw.
+        token_ids: (N,) int32 teacher token ids.
+        token_spans: (N, 2) int32 byte ``[start, end)`` of each token in ``text``;
+            special tokens have ``start == end`` at the byte offset where they occur.
+        token_logprob: (N,) float32 log p_T(t_i | t_<i); NaN where not scored (row 0,
+            first row of a window without context).
+        boundary_logmass: (N, C) float16 log next-token mass of each boundary class,
+            columns in the store's ``boundary_classes`` order.
+        topk_ids: (N, K) int32 top-k next-token ids, or None when the store has k = 0.
+        topk_logprobs: (N, K) float32 their log-probs (quantised on disk).
+        tail_logmass: (N,) float32 log(1 - sum of the top-k probs).
+        hidden: (N, H) float16 teacher last hidden state, or None.
+        token_slot: (N,) int8 chat-template slot per token (0 = ordinary text), or None.
+        loss_spans: (M, 2) int64 byte ranges trained on, or None (train on everything).
+        doc_index: position of the document in the source dataset.
+    """
+
+    text: bytes
+    token_ids: np.ndarray
+    token_spans: np.ndarray
+    token_logprob: np.ndarray
+    boundary_logmass: np.ndarray
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+    tail_logmass: np.ndarray | None = None
+    hidden: np.ndarray | None = None
+    token_slot: np.ndarray | None = None
+    loss_spans: np.ndarray | None = None
+    doc_index: int
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of token rows N."""
+        return int(len(self.token_ids))
+
+
+def part_name(rank: int) -> str:
+    """Name of the part group written by ``rank``: ``part-00003``."""
+    return f"part-{rank:05d}"
+
+
+def shard_name(index: int) -> str:
+    """Name of the ``index``-th shard group of a part: ``shard-000012``."""
+    return f"shard-{index:06d}"
+
+
+def _describe(url: StoreUrl) -> str:
+    return str(url) if not isinstance(url, Store) else repr(url)
+
+
+def open_zarr_store(url: StoreUrl, *, writable: bool) -> Store:
+    """Open ``url`` (see :func:`_make_store`) and make sure the store is open for I/O."""
+    store = _make_store(url, writable=writable)
+    sync(store._ensure_open())  # ZipStore opens its file lazily; raw get() needs it open
+    return store
+
+
+def _make_store(url: StoreUrl, *, writable: bool) -> Store:
+    """Open a local path, a ``.zip`` file or any fsspec URL as a zarr store.
+
+    Args:
+        url: a local folder, a ``.zip`` file made from a finished store (read only), an
+            fsspec URL (``memory://x``, ``s3://bucket/x``, ``file:///x``) or a zarr ``Store``.
+        writable: open for writing (writers) or read only (readers, verify).
+
+    Raises:
+        StoreNotFoundError: a local path (folder or zip) that does not exist, when reading.
+        ConfigError: a zip file opened for writing.
+    """
+    if isinstance(url, Store):
+        return url
+    text = str(url)
+    if "://" in text and not text.startswith("file://"):
+        return FsspecStore.from_url(text, read_only=not writable)
+    path = Path(text.removeprefix("file://")).expanduser()
+    if path.suffix.lower() == ".zip":
+        if writable:
+            raise ConfigError(
+                f"cannot write to zip file {text!r}; write a folder, then zip the finished store"
+            )
+        if not path.is_file():
+            raise StoreNotFoundError(f"no store at {text!r}: the zip file does not exist")
+        return ZipStore(path, mode="r", read_only=True)
+    if not writable and not path.exists():
+        raise StoreNotFoundError(
+            f"no store at {text!r}: the path does not exist — check the path or run xtd precompute"
+        )
+    if not writable and not path.is_dir():
+        raise StoreFormatError(f"{text!r} is a file, not an xtd store folder (or .zip of one)")
+    return LocalStore(path, read_only=not writable)
+
+
+def read_bytes(store: Store, key: str) -> bytes | None:
+    """The raw bytes stored under ``key``, or None when absent."""
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def write_bytes(store: Store, key: str, data: bytes) -> None:
+    """Store ``data`` under ``key`` (atomic on local folders: zarr writes a temp file, then renames)."""
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def list_prefix(store: Store, prefix: str) -> list[str]:
+    """Every key under ``prefix`` (a folder path ending in ``/``), sorted."""
+
+    async def collect() -> list[str]:
+        return [key async for key in store.list_prefix(prefix)]
+
+    return sorted(sync(collect()))
+
+
+def list_dir(store: Store, prefix: str) -> list[str]:
+    """Immediate children (keys or folder names) under ``prefix``."""
+
+    async def collect() -> list[str]:
+        return [key async for key in store.list_dir(prefix)]
+
+    return sorted(sync(collect()))
+
+
+def delete_dir(store: Store, prefix: str) -> None:
+    """Delete every key under ``prefix``."""
+    sync(store.delete_dir(prefix))
+
+
+def delete_key(store: Store, key: str) -> None:
+    """Delete one key (no error when absent)."""
+    sync(store.delete(key))
+
+
+def remove_node(store: Store, key: str) -> None:
+    """Delete a key or a whole folder of keys (no error when absent)."""
+    try:
+        delete_dir(store, key)
+    except ValueError:  # LocalStore: the key is a file, not a folder
+        pass
+    delete_key(store, key)
+
+
+def read_json(store: Store, key: str) -> dict[str, Any] | None:
+    """Parse the JSON object at ``key``; None when absent.
+
+    Raises:
+        StoreFormatError: the object is not valid JSON.
+    """
+    data = read_bytes(store, key)
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreFormatError(f"{key!r} in the store is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise StoreFormatError(f"{key!r} in the store is not a JSON object")
+    return value
+
+
+def group_key(path: str) -> str:
+    """Key of the ``zarr.json`` of the group at ``path`` ('' = root)."""
+    return f"{path}/zarr.json" if path else "zarr.json"
+
+
+def group_json_bytes(attributes: dict[str, Any]) -> bytes:
+    """The bytes of a Zarr v3 group ``zarr.json`` holding ``attributes``."""
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+    return json.dumps(meta, indent=1, sort_keys=False, allow_nan=False).encode()
+
+
+def write_group_json(store: Store, path: str, attributes: dict[str, Any]) -> bytes:
+    """Write (replace) the group metadata at ``path`` in one atomic put; returns the bytes.
+
+    Writing the ``zarr.json`` ourselves, rather than through ``group.attrs.update``, makes
+    the commit one object write (so it is atomic on local folders and object stores).
+    """
+    data = group_json_bytes(attributes)
+    write_bytes(store, group_key(path), data)
+    return data
+
+
+def read_group_attrs(store: Store, path: str) -> dict[str, Any] | None:
+    """The attributes of the group at ``path``; None when there is no group there.
+
+    Raises:
+        StoreFormatError: ``path`` holds an array, or metadata that is not Zarr v3.
+    """
+    meta = read_json(store, group_key(path))
+    if meta is None:
+        return None
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        where = path or "the root"
+        raise StoreFormatError(
+            f"{where!r} is not a Zarr v3 group (zarr.json has {meta.get('node_type')!r})"
+        )
+    attrs = meta.get("attributes", {})
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def read_root_meta(store: Store, url: StoreUrl) -> dict[str, Any]:
+    """Read and validate the root ``xtd`` attribute of a store.
+
+    Raises:
+        StoreNotFoundError: nothing at all at ``url``.
+        StoreFormatError: not a Zarr group, a Zarr group that is not an xtd store, a
+            different format, or an unsupported ``format_version``.
+    """
+    where = _describe(url)
+    try:
+        attrs = read_group_attrs(store, "")
+    except FileNotFoundError:
+        attrs = None
+    if attrs is None:
+        try:
+            anything = bool(list_dir(store, ""))
+        except FileNotFoundError:
+            anything = False
+        if not anything:
+            raise StoreNotFoundError(
+                f"no store at {where!r}: nothing is there — check the path or run xtd precompute"
+            )
+        raise StoreFormatError(
+            f"{where!r} is not an xtd store: it has no zarr.json — point at the folder "
+            f"xtd precompute wrote"
+        )
+    meta = attrs.get(ROOT_ATTR)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise StoreFormatError(
+            f"{where!r} is a zarr group but not an xtd teacher store (no {ROOT_ATTR!r} attribute "
+            f"with format {FORMAT_NAME!r}) — point at a store written by xtd precompute"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store {where!r} is format_version {version!r}; this xtd reads version "
+            f"{FORMAT_VERSION} — upgrade xtd or re-run xtd precompute"
+        )
+    return meta
+
+
+def checksum(data: bytes) -> str:
+    """crc32c of ``data`` as 8 hex digits (the algorithm named in CHECKSUM_ALGORITHM)."""
+    import google_crc32c
+
+    return f"{google_crc32c.value(data):08x}"
+
+
+def digest_text(text: str) -> str:
+    """16 hex chars of sha256 of ``text`` (to compare embedded tokenizers cheaply)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def special_token_ids(tokenizer_json: str) -> np.ndarray | None:
+    """Sorted ids of the tokenizer's special added tokens; None when the JSON cannot be read."""
+    try:
+        data = json.loads(tokenizer_json)
+        ids = [int(t["id"]) for t in data.get("added_tokens", []) if t.get("special")]
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError):
+        return None
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def tokenizer_vocab_size(tokenizer_json: str) -> int | None:
+    """Number of ids of a ``tokenizer.json`` (model vocab plus added tokens); None if unknown."""
+    try:
+        data = json.loads(tokenizer_json)
+        vocab = data["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [int(t["id"]) for t in data.get("added_tokens", [])]
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError):
+        return None
+    return max(ids) + 1 if ids else None
+
+
+def iter_shards(part_meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The committed shard records of a part record."""
+    yield from part_meta.get("shards", [])
+
+
+def open_array(store: Store, path: str) -> zarr.Array:
+    """Open the array at ``path`` read-only."""
+    return zarr.open_array(store, path=path, mode="r")

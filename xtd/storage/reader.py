@@ -1,0 +1,365 @@
+"""The store reader: random access to documents, streaming with bounded memory.
+
+A reader sees every part listed in the root manifest as one dataset of ``D``
+documents in global order — sorted by ``doc_index`` — so a store written by two ranks
+reads back exactly like one written by one. Only committed shards are visible (the
+part records are the truth, never the files present).
+
+Two access paths:
+
+- ``reader[d]`` / :meth:`StoreReader.read_window`: reads only the rows of document
+  ``d`` (a few chunks per array) unless its shard is already cached.
+- :meth:`StoreReader.iter_documents`: loads whole shards, keeping at most
+  ``cache_shards`` decoded shards (and at least one per part) in memory.
+
+Dimension letters: ``D`` documents, ``N`` token rows, ``K`` top-k, ``C`` boundary
+classes, ``H`` hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from xtd.storage.codecs import decode_topk
+from xtd.storage.format import (
+    PART_ATTR,
+    SHARD_ATTR,
+    TOKEN_ARRAYS_REQUIRED,
+    TOKEN_ARRAYS_TOPK,
+    Document,
+    StoreUrl,
+    open_zarr_store,
+    read_group_attrs,
+    read_root_meta,
+)
+
+if TYPE_CHECKING:
+    import torch.utils.data
+
+__all__ = ["StoreReader", "open_store", "ArrayStat"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayStat:
+    """Size of one array over the whole store (``xtd inspect``)."""
+
+    name: str
+    dtype: str  # stored dtype
+    shape: tuple[int, ...]  # rows summed over shards
+    stored_bytes: int  # compressed bytes on disk (files + array metadata)
+    bytes_per_token: float
+
+
+@dataclasses.dataclass
+class _Shard:
+    part: str
+    name: str
+    path: str
+    arrays: tuple[str, ...]  # array names in this shard
+    doc_token_offsets: np.ndarray  # (D_s + 1,) int64
+    doc_byte_offsets: np.ndarray  # (D_s + 1,) int64
+
+
+def open_store(url: StoreUrl, *, cache_shards: int = 4) -> StoreReader:
+    """Open a teacher store for reading (local folder, ``.zip``, fsspec URL or zarr Store).
+
+    Raises:
+        StoreNotFoundError: nothing at ``url``.
+        StoreFormatError: not an xtd store, or an unsupported format version.
+    """
+    return StoreReader(url, cache_shards=cache_shards)
+
+
+class StoreReader:
+    """Read a teacher store as one dataset of documents in ``doc_index`` order.
+
+    Attributes:
+        attrs: the root ``xtd`` attribute (teacher, tokenizer_json, settings, layout, ...).
+        tokenizer_json: the teacher's ``tokenizer.json`` text.
+        boundary_classes: column names of ``boundary_logmass``.
+        top_k: K of the top-k arrays (0 = none); topk_codec: their codec.
+        hidden_size: H of ``hidden`` or None.
+        complete: True when every part of the manifest was closed complete; training
+            should refuse an incomplete store, inspect/verify may read it.
+        num_tokens: token rows N over all committed documents.
+        num_bytes: text bytes over all committed documents.
+    """
+
+    def __init__(self, url: StoreUrl, *, cache_shards: int = 4) -> None:
+        self.url = url
+        self._store = open_zarr_store(url, writable=False)
+        self.attrs: dict[str, Any] = read_root_meta(self._store, url)
+        layout = self.attrs.get("layout", {})
+        self.tokenizer_json: str = self.attrs.get("tokenizer_json", "")
+        self.boundary_classes: tuple[str, ...] = tuple(self.attrs.get("boundary_classes", ()))
+        self.top_k: int = int(layout.get("top_k") or 0)
+        self.topk_codec: str = layout.get("topk_codec", "q8")
+        self.hidden_size: int | None = layout.get("hidden_size") or None
+        self.text_coverage: str = self.attrs.get("text_coverage", "full")
+        self.parts: dict[str, dict[str, Any] | None] = {}
+        self._shards: list[_Shard] = []
+        doc_index_chunks: list[np.ndarray] = []
+        for part in self.attrs.get("manifest", {}).get("parts", []):
+            record = (read_group_attrs(self._store, part) or {}).get(PART_ATTR)
+            self.parts[part] = record
+            if record is None:
+                continue
+            for entry in record["shards"]:
+                names = self._array_names(entry.get("optional_arrays") or [])
+                path = f"{part}/{entry['name']}"
+                doc_index_chunks.append(self._open(path, "doc_index")[...])
+                self._shards.append(
+                    _Shard(
+                        part=part,
+                        name=entry["name"],
+                        path=path,
+                        arrays=names,
+                        doc_token_offsets=self._open(path, "doc_token_offsets")[...],
+                        doc_byte_offsets=self._open(path, "doc_byte_offsets")[...],
+                    )
+                )
+        self.complete: bool = bool(self.parts) and all(
+            rec is not None and rec.get("complete") for rec in self.parts.values()
+        )
+        counts = [len(s.doc_token_offsets) - 1 for s in self._shards]
+        doc_index = np.concatenate(doc_index_chunks) if doc_index_chunks else np.zeros(0, np.int64)
+        shard_of = np.repeat(np.arange(len(self._shards), dtype=np.int64), counts)
+        local = (
+            np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+            if counts
+            else np.zeros(0, np.int64)
+        )
+        order = np.argsort(doc_index, kind="stable")
+        self.doc_index: np.ndarray = doc_index[order]  # (D,) int64, sorted
+        self._doc_shard = shard_of[order]
+        self._doc_local = local[order]
+        self.num_tokens: int = int(sum(int(s.doc_token_offsets[-1]) for s in self._shards))
+        self.num_bytes: int = int(sum(int(s.doc_byte_offsets[-1]) for s in self._shards))
+        self._cache_shards = max(1, cache_shards)
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._handles: OrderedDict[tuple[int, str], zarr.Array] = OrderedDict()
+
+    # ----------------------------------------------------------------- layout
+
+    def _array_names(self, optional: list[str]) -> tuple[str, ...]:
+        names = list(TOKEN_ARRAYS_REQUIRED)
+        if self.top_k:
+            names += TOKEN_ARRAYS_TOPK
+        if self.hidden_size:
+            names.append("hidden")
+        if "token_slot" in optional:
+            names.append("token_slot")
+        if "loss_spans" in optional:
+            names += ["loss_span_offsets", "loss_spans"]
+        return ("text", *names)
+
+    def _open(self, path: str, name: str) -> zarr.Array:
+        return zarr.open_array(self._store, path=f"{path}/{name}", mode="r")
+
+    def _handle(self, s: int, name: str) -> zarr.Array:
+        key = (s, name)
+        arr = self._handles.get(key)
+        if arr is None:
+            arr = self._open(self._shards[s].path, name)
+            self._handles[key] = arr
+            if len(self._handles) > 64 * 16:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(key)
+        return arr
+
+    @property
+    def num_shards(self) -> int:
+        """Committed shards over all parts."""
+        return len(self._shards)
+
+    def __len__(self) -> int:
+        return int(len(self._doc_shard))
+
+    def doc_num_tokens(self) -> np.ndarray:
+        """(D,) int64 token rows of every document in global order (for batching)."""
+        per_shard = [np.diff(s.doc_token_offsets) for s in self._shards]
+        if not per_shard:
+            return np.zeros(0, np.int64)
+        flat = np.concatenate(per_shard)
+        starts = np.concatenate([[0], np.cumsum([len(p) for p in per_shard])[:-1]])
+        return flat[starts[self._doc_shard] + self._doc_local]
+
+    # ----------------------------------------------------------------- access
+
+    def _locate(self, d: int) -> tuple[int, int]:
+        n = len(self)
+        if not -n <= d < n:
+            raise IndexError(f"document {d} out of range: the store has {n} documents")
+        d %= n
+        return int(self._doc_shard[d]), int(self._doc_local[d])
+
+    def __getitem__(self, d: int) -> Document:
+        """Document ``d`` in global order (sorted by ``doc_index``), every stored quantity."""
+        s, j = self._locate(d)
+        shard = self._shards[s]
+        t0, t1 = (int(x) for x in shard.doc_token_offsets[j : j + 2])
+        return self._document(s, j, t0, t1)
+
+    def read_window(self, d: int, start: int, stop: int) -> Document:
+        """Token rows ``[start, stop)`` of document ``d`` (text is the whole document).
+
+        Spans stay relative to the document's bytes, so they index ``doc.text`` directly.
+        """
+        s, j = self._locate(d)
+        shard = self._shards[s]
+        t0, t1 = (int(x) for x in shard.doc_token_offsets[j : j + 2])
+        lo, hi = max(0, start), min(t1 - t0, stop)
+        return self._document(s, j, t0 + lo, t0 + max(lo, hi))
+
+    def _rows(self, s: int, name: str, lo: int, hi: int) -> np.ndarray:
+        cached = self._cache.get(s)
+        if cached is not None:
+            return cached[name][lo:hi]
+        return self._handle(s, name)[lo:hi]
+
+    def _document(self, s: int, j: int, t0: int, t1: int) -> Document:
+        shard = self._shards[s]
+        b0, b1 = (int(x) for x in shard.doc_byte_offsets[j : j + 2])
+        doc = Document(
+            text=self._rows(s, "text", b0, b1).tobytes(),
+            token_ids=self._rows(s, "token_ids", t0, t1),
+            token_spans=self._rows(s, "token_spans", t0, t1),
+            token_logprob=self._rows(s, "token_logprob", t0, t1),
+            boundary_logmass=self._rows(s, "boundary_logmass", t0, t1),
+            doc_index=self._shard_doc_index(s, j),
+        )
+        if self.top_k:
+            doc.topk_ids = self._rows(s, "topk_ids", t0, t1)
+            doc.topk_logprobs = decode_topk(self._rows(s, "topk_logprobs", t0, t1), self.topk_codec)
+            doc.tail_logmass = self._rows(s, "tail_logmass", t0, t1)
+        if self.hidden_size:
+            doc.hidden = self._rows(s, "hidden", t0, t1)
+        if "token_slot" in shard.arrays:
+            doc.token_slot = self._rows(s, "token_slot", t0, t1)
+        if "loss_spans" in shard.arrays:
+            l0, l1 = (int(x) for x in self._rows(s, "loss_span_offsets", j, j + 2))
+            doc.loss_spans = self._rows(s, "loss_spans", l0, l1)
+        return doc
+
+    def _shard_doc_index(self, s: int, j: int) -> int:
+        cached = self._cache.get(s)
+        if cached is not None:
+            return int(cached["doc_index"][j])
+        return int(self._handle(s, "doc_index")[j])
+
+    # ----------------------------------------------------------------- streaming
+
+    def _load_shard(self, s: int) -> None:
+        """Decode every array of shard ``s`` into the LRU cache."""
+        if s in self._cache:
+            self._cache.move_to_end(s)
+            return
+        shard = self._shards[s]
+        data = {name: self._handle(s, name)[...] for name in (*shard.arrays, "doc_index")}
+        self._cache[s] = data
+        while len(self._cache) > self._cache_limit():
+            self._cache.popitem(last=False)
+
+    def _cache_limit(self) -> int:
+        # Global order interleaves parts, so streaming needs one live shard per part.
+        return max(self._cache_shards, len(self.parts) + 1)
+
+    def iter_documents(self, indices: Iterable[int] | None = None) -> Iterator[Document]:
+        """Yield documents (default: all, in global order), loading whole shards.
+
+        Memory stays bounded by ``max(cache_shards, parts + 1)`` decoded shards.
+        """
+        for d in range(len(self)) if indices is None else indices:
+            s, _ = self._locate(d)
+            self._load_shard(s)
+            yield self[d]
+
+    def __iter__(self) -> Iterator[Document]:
+        return self.iter_documents()
+
+    def torch_dataset(self) -> torch.utils.data.Dataset:
+        """A map-style torch ``Dataset`` over documents (items are :class:`Document`)."""
+        from xtd.storage.torch_data import DocumentDataset
+
+        return DocumentDataset(self)
+
+    def torch_iterable(
+        self, *, rank: int = 0, world_size: int = 1
+    ) -> torch.utils.data.IterableDataset:
+        """A torch ``IterableDataset`` streaming this rank's contiguous block of documents.
+
+        Within a DataLoader, each worker streams its own contiguous sub-block, so every
+        shard is decoded by one worker only.
+        """
+        from xtd.storage.torch_data import DocumentStream
+
+        return DocumentStream(self, rank=rank, world_size=world_size)
+
+    # ----------------------------------------------------------------- sizes
+
+    def array_stats(self) -> list[ArrayStat]:
+        """Stored size of every array (from the checksummed file list of each shard)."""
+        stored: dict[str, int] = {}
+        rows: dict[str, int] = {}
+        dtypes: dict[str, str] = {}
+        tails: dict[str, tuple[int, ...]] = {}
+        for s, shard in enumerate(self._shards):
+            meta = (read_group_attrs(self._store, shard.path) or {}).get(SHARD_ATTR, {})
+            for rel, info in meta.get("files", {}).items():
+                name = rel.split("/", 1)[0]
+                stored[name] = stored.get(name, 0) + int(info["bytes"])
+            for name in (*shard.arrays, "doc_index", "doc_token_offsets", "doc_byte_offsets"):
+                arr = self._handle(s, name)
+                rows[name] = rows.get(name, 0) + int(arr.shape[0])
+                dtypes[name] = str(arr.dtype)
+                tails[name] = tuple(int(x) for x in arr.shape[1:])
+        n = max(self.num_tokens, 1)
+        return [
+            ArrayStat(
+                name,
+                dtypes[name],
+                (rows[name], *tails[name]),
+                stored.get(name, 0),
+                stored.get(name, 0) / n,
+            )
+            for name in sorted(rows, key=_array_order)
+        ]
+
+    def close(self) -> None:
+        """Drop caches and close the underlying store."""
+        self._cache.clear()
+        self._handles.clear()
+        self._store.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into DataLoader workers: drop caches and open handles, keep the rest.
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        state["_handles"] = OrderedDict()
+        return state
+
+
+_ORDER = (
+    "doc_index doc_token_offsets doc_byte_offsets text token_ids token_spans token_logprob "
+    "boundary_logmass topk_ids topk_logprobs tail_logmass hidden token_slot loss_span_offsets loss_spans"
+).split()
+
+
+def _array_order(name: str) -> int:
+    return _ORDER.index(name) if name in _ORDER else len(_ORDER)

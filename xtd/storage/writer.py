@@ -1,0 +1,695 @@
+"""The store writer: one document at a time, whole shards, atomic commits, resume.
+
+A writer owns one part (``part-<rank>``) of a store. Documents are buffered until they
+hold at least ``shard_tokens`` token rows; the buffer is then written as one new,
+immutable shard group, the checksum of every file of that shard is recorded in the
+shard's ``zarr.json``, and only then is the part record (the part's ``zarr.json``)
+rewritten — in one atomic object write — to list the shard and advance
+``documents_committed``. A kill at any moment therefore loses at most the buffer and
+never leaves a part that claims a shard it does not fully have; a half-written shard
+is an orphan that no reader looks at and that the next writer deletes.
+
+Shard boundaries depend only on the documents (a shard closes as soon as it reaches
+``shard_tokens`` rows), so resuming after the watermark reproduces exactly the files
+of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
+from xtd.storage.codecs import (
+    TOPK_CODECS,
+    codec_params,
+    compressors_for,
+    encode_topk,
+    filters_for,
+)
+from xtd.storage.format import (
+    BOUNDARY_CLASSES,
+    CHECKSUM_ALGORITHM,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PART_ATTR,
+    ROOT_ATTR,
+    SHARD_ATTR,
+    Document,
+    StoreUrl,
+    checksum,
+    digest_text,
+    list_dir,
+    list_prefix,
+    open_zarr_store,
+    part_name,
+    read_group_attrs,
+    remove_node,
+    shard_name,
+    write_group_json,
+)
+
+__all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_TOKENS = 1 << 17  # 131,072 rows: a shard file of top-32 q8 is ≈ 4 MB raw
+DEFAULT_CHUNK_ROWS = 2048  # a random 512-token window touches one or two chunks
+
+# Root attributes that, when they differ, make a store "written with other settings".
+_IDENTITY_ATTRS = ("settings", "teacher", "dataset", "boundary_classes", "text_coverage")
+
+
+def _xtd_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("xtd")
+    except Exception:  # noqa: BLE001 - not installed (source checkout): still writable
+        return "0+unknown"
+
+
+def describe_quantities(
+    top_k: int, topk_codec: str, hidden_size: int | None, num_classes: int
+) -> dict[str, Any]:
+    """The ``quantities`` root attribute: what every array holds, its dtype and codec."""
+    q: dict[str, Any] = {
+        "doc_index": {
+            "holds": "position of each document in the source dataset",
+            "dtype": "int64",
+            "shape": "[D]",
+        },
+        "doc_token_offsets": {
+            "holds": "token rows of document d: offsets[d]:offsets[d+1]",
+            "dtype": "int64",
+            "shape": "[D+1]",
+        },
+        "doc_byte_offsets": {
+            "holds": "bytes of document d in text",
+            "dtype": "int64",
+            "shape": "[D+1]",
+        },
+        "text": {
+            "holds": "exact UTF-8 bytes the teacher saw",
+            "dtype": "uint8",
+            "shape": "[bytes]",
+        },
+        "token_ids": {"holds": "teacher token ids", "dtype": "int32", "shape": "[N]"},
+        "token_spans": {
+            "holds": "byte [start, end) of each token within its document; empty for special tokens",
+            "dtype": "int32",
+            "shape": "[N, 2]",
+        },
+        "token_logprob": {
+            "holds": "log p_T(t_i | t_<i); NaN where not scored",
+            "dtype": "float32",
+            "shape": "[N]",
+        },
+        "boundary_logmass": {
+            "holds": "log next-token mass of each boundary class after token i",
+            "dtype": "float16",
+            "shape": f"[N, {num_classes}]",
+        },
+        "token_slot": {
+            "holds": "chat-template slot (0 = text); chat stores only",
+            "dtype": "int8",
+            "shape": "[N]",
+        },
+        "loss_span_offsets": {
+            "holds": "loss spans of document d: offsets[d]:offsets[d+1]; chat stores only",
+            "dtype": "int64",
+            "shape": "[D+1]",
+        },
+        "loss_spans": {
+            "holds": "byte ranges trained on; chat stores only",
+            "dtype": "int64",
+            "shape": "[M, 2]",
+        },
+    }
+    if top_k > 0:
+        q["topk_ids"] = {
+            "holds": "top-k next-token ids after token i",
+            "dtype": "int32",
+            "shape": f"[N, {top_k}]",
+            "k": top_k,
+        }
+        q["topk_logprobs"] = {
+            "holds": "log-probs of topk_ids",
+            "dtype": str(np.dtype(np.float16) if topk_codec == "fp16" else np.dtype(np.uint8)),
+            "shape": f"[N, {top_k}]",
+            "k": top_k,
+            "quantisation": codec_params(topk_codec),
+        }
+        q["tail_logmass"] = {
+            "holds": "log(1 - sum of the top-k probs)",
+            "dtype": "float32",
+            "shape": "[N]",
+        }
+    if hidden_size:
+        q["hidden"] = {
+            "holds": "teacher last hidden state (after the final norm)",
+            "dtype": "float16",
+            "shape": f"[N, {hidden_size}]",
+        }
+    return q
+
+
+def write_arrays(
+    store: Store,
+    path: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    chunk_rows: int,
+) -> dict[str, dict[str, Any]]:
+    """Write ``arrays`` as one group at ``path`` and return the checksum of every file.
+
+    Each array is chunked along rows (``chunk_rows``) and stored as one zarr shard file
+    holding all its chunks. The group's own ``zarr.json`` is written by the caller,
+    because it carries the returned checksums.
+
+    Returns:
+        ``{key relative to path: {"crc32c": hex, "bytes": size}}`` for every file written.
+    """
+    # One event-loop run creates and fills every array concurrently: per-call overhead of
+    # zarr's sync wrapper dominated small shards otherwise.
+    sync(_write_arrays_async(store, path, arrays, chunk_rows))
+    keys = [
+        key
+        for key in list_prefix(store, f"{path}/")
+        if (rel := key[len(path) + 1 :])
+        and rel != "zarr.json"
+        and not rel.endswith((".partial", "/"))
+    ]
+    blobs = sync(_read_many(store, keys))
+    files: dict[str, dict[str, Any]] = {}
+    for key, blob in zip(keys, blobs, strict=True):
+        assert blob is not None, key  # just listed
+        files[key[len(path) + 1 :]] = {"crc32c": checksum(blob), "bytes": len(blob)}
+    return files
+
+
+async def _write_arrays_async(
+    store: Store, path: str, arrays: dict[str, np.ndarray], chunk_rows: int
+) -> None:
+    from zarr.api.asynchronous import create_array
+
+    async def one(name: str, data: np.ndarray) -> None:
+        rows = int(data.shape[0])
+        tail = tuple(int(x) for x in data.shape[1:])
+        if rows == 0:
+            chunks: tuple[int, ...] = (1, *[max(1, t) for t in tail])
+            shards = None
+        else:
+            inner = min(chunk_rows, rows)
+            chunks = (inner, *tail)
+            shards = (-(-rows // inner) * inner, *tail)
+        arr = await create_array(
+            store,
+            name=f"{path}/{name}",
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            shards=shards,
+            filters=filters_for(name),
+            compressors=compressors_for(name, data.dtype),
+            fill_value=0,
+            overwrite=True,
+        )
+        if rows:
+            await arr.setitem(slice(None), data)
+
+    await asyncio.gather(*(one(name, data) for name, data in arrays.items()))
+
+
+async def _read_many(store: Store, keys: list[str]) -> list[bytes | None]:
+    proto = default_buffer_prototype()
+
+    async def one(key: str) -> bytes | None:
+        buf = await store.get(key, prototype=proto)
+        return None if buf is None else buf.to_bytes()
+
+    return list(await asyncio.gather(*(one(k) for k in keys)))
+
+
+class StoreWriter:
+    """Write one part of a teacher store, one document at a time.
+
+    Use as a context manager: a clean exit marks the part complete, an exception leaves
+    it resumable. Reopening with the same settings resumes: skip the first
+    :attr:`documents_committed` of this rank's documents and write the rest.
+
+    Args:
+        url: local folder or fsspec URL of the store (created if absent).
+        attrs: the root ``xtd`` attribute content: at least ``tokenizer_json`` (str) and
+            ``boundary_classes`` (list of names, column order of ``boundary_logmass``);
+            also ``teacher``, ``dataset``, ``settings``, ``text_coverage`` (``"full"``
+            default, or ``"prefix"`` when the teacher may truncate a document).
+        top_k: number of top-k columns (0: no top-k arrays).
+        hidden_size: H of the stored hidden states, or None for none.
+        topk_codec: ``"q8"`` or ``"fp16"`` (xtd.storage.codecs).
+        rank: this writer's part; world_size: number of parts.
+        overwrite: replace this part (and a store written with other settings).
+        shard_tokens: a shard is written once the buffer holds at least this many rows.
+        chunk_rows: rows per chunk inside a shard file.
+
+    Raises:
+        ConfigError: invalid arguments or attrs.
+        StoreExistsError: the store holds data written with other settings (or is not an
+            xtd store) and ``overwrite`` is False.
+        StoreFormatError: the existing store is of another format version.
+    """
+
+    def __init__(
+        self,
+        url: StoreUrl,
+        *,
+        attrs: dict[str, Any],
+        top_k: int,
+        hidden_size: int | None = None,
+        topk_codec: str = "q8",
+        rank: int = 0,
+        world_size: int = 1,
+        overwrite: bool = False,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ) -> None:
+        _check_args(
+            attrs, top_k, hidden_size, topk_codec, rank, world_size, shard_tokens, chunk_rows
+        )
+        self.url = url
+        self.top_k = top_k
+        self.hidden_size = hidden_size or None
+        self.topk_codec = topk_codec
+        self.rank = rank
+        self.world_size = world_size
+        self.shard_tokens = shard_tokens
+        self.chunk_rows = chunk_rows
+        self.boundary_classes = tuple(attrs["boundary_classes"])
+        self._store = open_zarr_store(url, writable=True)
+        self._part = part_name(rank)
+        self._root_meta = self._root_metadata(attrs)
+        self._prepare(overwrite)
+        self._buffer: list[Document] = []
+        self._buffered_tokens = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------- set-up
+
+    def _root_metadata(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        meta = dict(attrs)
+        meta.setdefault("text_coverage", "full")
+        meta.update(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            xtd_version=_xtd_version(),
+            layout={
+                "top_k": self.top_k,
+                "topk_codec": self.topk_codec,
+                "hidden_size": self.hidden_size,
+                "shard_tokens": self.shard_tokens,
+                "chunk_rows": self.chunk_rows,
+                "checksum": CHECKSUM_ALGORITHM,
+            },
+            quantities=describe_quantities(
+                self.top_k, self.topk_codec, self.hidden_size, len(self.boundary_classes)
+            ),
+            manifest={
+                "world_size": self.world_size,
+                "parts": [part_name(r) for r in range(self.world_size)],
+            },
+        )
+        return meta
+
+    def _identity(self, meta: dict[str, Any]) -> dict[str, Any]:
+        ident = {key: meta.get(key) for key in _IDENTITY_ATTRS}
+        ident["text_coverage"] = ident["text_coverage"] or "full"
+        ident["tokenizer_json"] = digest_text(meta.get("tokenizer_json") or "")
+        layout = meta.get("layout", {})
+        for key in ("top_k", "topk_codec", "hidden_size", "shard_tokens", "chunk_rows"):
+            ident[key] = layout.get(key)
+        ident["world_size"] = meta.get("manifest", {}).get("world_size")
+        ident["format_version"] = meta.get("format_version")
+        return ident
+
+    def _prepare(self, overwrite: bool) -> None:
+        store, where = self._store, str(self.url)
+        try:
+            root_attrs = read_group_attrs(store, "")
+        except StoreFormatError:  # an array or foreign metadata at the root
+            root_attrs = {}
+        existing = None if root_attrs is None else root_attrs.get(ROOT_ATTR)
+        # Other ranks may already have created their parts: those are not foreign content.
+        foreign = [c for c in list_dir(store, "") if c != "zarr.json" and not _is_part_name(c)]
+        is_xtd = isinstance(existing, dict) and existing.get("format") == FORMAT_NAME
+        if not overwrite:
+            if not is_xtd and (root_attrs is not None or foreign):
+                raise StoreExistsError(
+                    f"{where!r} already holds data that is not an xtd store; choose another "
+                    f"path or pass --overwrite to replace it"
+                )
+            if is_xtd and existing.get("format_version") != FORMAT_VERSION:
+                raise StoreFormatError(
+                    f"store {where!r} is format_version {existing.get('format_version')!r}; this "
+                    f"xtd writes version {FORMAT_VERSION} — pass --overwrite to replace it"
+                )
+            if is_xtd:
+                diffs = _differences(self._identity(existing), self._identity(self._root_meta))
+                if diffs:
+                    raise StoreExistsError(
+                        f"store {where!r} was written with other settings ({'; '.join(diffs)}); "
+                        f"pass --overwrite to replace it, or use another output path"
+                    )
+        if overwrite:
+            # Each rank replaces its own part; rank 0 also removes whatever is no other
+            # rank's part, so concurrent ranks never delete each other's fresh work.
+            keep = {part_name(r) for r in range(self.world_size) if r != self.rank}
+            for child in list_dir(store, ""):
+                if child == self._part or (
+                    self.rank == 0 and child not in keep and child != "zarr.json"
+                ):
+                    remove_node(store, child)
+        if overwrite or not is_xtd:
+            write_group_json(store, "", {ROOT_ATTR: self._root_meta})
+        self._load_part()
+
+    def _load_part(self) -> None:
+        attrs = read_group_attrs(self._store, self._part)
+        record = (attrs or {}).get(PART_ATTR)
+        if record is None:
+            record = {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "documents_committed": 0,
+                "tokens_committed": 0,
+                "bytes_committed": 0,
+                "last_doc_index": None,
+                "complete": False,
+                "shards": [],
+            }
+        self._record: dict[str, Any] = record
+        # Anything of this part that no commit lists is an orphan of a killed writer.
+        committed = {s["name"] for s in record["shards"]}
+        for child in list_dir(self._store, f"{self._part}/"):
+            if child == "zarr.json" or child in committed:
+                continue
+            logger.info(
+                "removing uncommitted %s/%s left by an interrupted writer", self._part, child
+            )
+            remove_node(self._store, f"{self._part}/{child}")
+        if attrs is None:
+            self._commit_record()
+        elif record["documents_committed"]:
+            logger.info(
+                "resuming part %s after %d committed documents (%d tokens)",
+                self._part,
+                record["documents_committed"],
+                record["tokens_committed"],
+            )
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def documents_committed(self) -> int:
+        """Documents of this rank safely on disk: the resume point."""
+        return int(self._record["documents_committed"])
+
+    @property
+    def tokens_committed(self) -> int:
+        """Token rows of this rank safely on disk."""
+        return int(self._record["tokens_committed"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether this part was closed complete."""
+        return bool(self._record["complete"])
+
+    # ----------------------------------------------------------------- writing
+
+    def write(self, doc: Document) -> None:
+        """Add one document; writes a shard whenever the buffer reaches ``shard_tokens`` rows.
+
+        Raises:
+            DataError: arrays of the wrong shape, spans outside the text, invalid UTF-8,
+                or a ``doc_index`` not larger than the previous one.
+            ConfigError: the writer is closed or the part is already complete.
+        """
+        if self._closed:
+            raise ConfigError("this StoreWriter is closed; open a new one to write more documents")
+        if self.complete:
+            raise ConfigError(
+                f"part {self._part!r} of {str(self.url)!r} is already complete; pass --overwrite to rewrite it"
+            )
+        doc = self._normalise(doc)
+        self._buffer.append(doc)
+        self._buffered_tokens += doc.num_tokens
+        if self._buffered_tokens >= self.shard_tokens:
+            self._flush()
+
+    def _normalise(self, doc: Document) -> Document:
+        """Validate one document and cast its arrays to the stored dtypes."""
+        where = f"document {doc.doc_index}"
+        n = len(doc.token_ids)
+        last = self._buffer[-1].doc_index if self._buffer else self._record["last_doc_index"]
+        if last is not None and doc.doc_index <= last:
+            raise DataError(f"{where}: doc_index must increase within a part (previous was {last})")
+        try:
+            doc.text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: text is not valid UTF-8 at byte {exc.start}") from None
+        c = len(self.boundary_classes)
+
+        def cast(name: str, value: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+            arr = np.asarray(value)
+            if arr.shape != shape:
+                raise DataError(f"{where}: {name} has shape {arr.shape}, expected {shape}")
+            return np.ascontiguousarray(arr, dtype=dtype)
+
+        spans = cast("token_spans", doc.token_spans, np.int32, (n, 2))
+        if n and (
+            spans.min() < 0 or spans.max() > len(doc.text) or np.any(spans[:, 1] < spans[:, 0])
+        ):
+            raise DataError(
+                f"{where}: token_spans fall outside the document's {len(doc.text)} bytes"
+            )
+        out = Document(
+            text=bytes(doc.text),
+            token_ids=cast("token_ids", doc.token_ids, np.int32, (n,)),
+            token_spans=spans,
+            token_logprob=cast("token_logprob", doc.token_logprob, np.float32, (n,)),
+            boundary_logmass=cast("boundary_logmass", doc.boundary_logmass, np.float16, (n, c)),
+            doc_index=int(doc.doc_index),
+        )
+        if self.top_k:
+            k = self.top_k
+            if doc.topk_ids is None or doc.topk_logprobs is None or doc.tail_logmass is None:
+                raise DataError(
+                    f"{where}: the store has top_k={k} but the document has no top-k arrays"
+                )
+            out.topk_ids = cast("topk_ids", doc.topk_ids, np.int32, (n, k))
+            out.topk_logprobs = encode_topk(
+                cast("topk_logprobs", doc.topk_logprobs, np.float32, (n, k)), self.topk_codec
+            )
+            out.tail_logmass = cast("tail_logmass", doc.tail_logmass, np.float32, (n,))
+        if self.hidden_size:
+            if doc.hidden is None:
+                raise DataError(
+                    f"{where}: the store has hidden_size={self.hidden_size} but the document has no hidden"
+                )
+            out.hidden = cast("hidden", doc.hidden, np.float16, (n, self.hidden_size))
+        if doc.token_slot is not None:
+            out.token_slot = cast("token_slot", doc.token_slot, np.int8, (n,))
+        if doc.loss_spans is not None:
+            ls = np.asarray(doc.loss_spans, dtype=np.int64).reshape(-1, 2)
+            if len(ls) and (
+                ls.min() < 0 or ls.max() > len(doc.text) or np.any(ls[:, 1] < ls[:, 0])
+            ):
+                raise DataError(
+                    f"{where}: loss_spans fall outside the document's {len(doc.text)} bytes"
+                )
+            out.loss_spans = ls
+        return out
+
+    def _flush(self) -> None:
+        """Write the buffer as the next shard, then commit it in the part record."""
+        if not self._buffer:
+            return
+        docs = self._buffer
+        optional = [
+            n for n in ("token_slot", "loss_spans") if any(getattr(d, n) is not None for d in docs)
+        ]
+        arrays = _concatenate(docs, self.top_k, self.hidden_size, optional)
+        name = shard_name(len(self._record["shards"]))
+        path = f"{self._part}/{name}"
+        files = write_arrays(self._store, path, arrays, chunk_rows=self.chunk_rows)
+        n_tokens = int(arrays["doc_token_offsets"][-1])
+        n_bytes = int(arrays["doc_byte_offsets"][-1])
+        shard_meta = {
+            SHARD_ATTR: {
+                "documents": len(docs),
+                "tokens": n_tokens,
+                "bytes": n_bytes,
+                "optional_arrays": optional,
+                "first_doc_index": docs[0].doc_index,
+                "last_doc_index": docs[-1].doc_index,
+                "checksum": CHECKSUM_ALGORITHM,
+                "files": files,
+            }
+        }
+        meta_bytes = write_group_json(self._store, path, shard_meta)
+        rec = self._record
+        rec["shards"].append(
+            {
+                "name": name,
+                "documents": len(docs),
+                "tokens": n_tokens,
+                "bytes": n_bytes,
+                "optional_arrays": optional,
+                "stored_bytes": sum(f["bytes"] for f in files.values()) + len(meta_bytes),
+                "zarr_json_crc32c": checksum(meta_bytes),
+            }
+        )
+        rec["documents_committed"] += len(docs)
+        rec["tokens_committed"] += n_tokens
+        rec["bytes_committed"] += n_bytes
+        rec["last_doc_index"] = docs[-1].doc_index
+        self._commit_record()
+        logger.debug("committed %s: %d documents, %d tokens", path, len(docs), n_tokens)
+        self._buffer = []
+        self._buffered_tokens = 0
+
+    def _commit_record(self) -> None:
+        write_group_json(self._store, self._part, {PART_ATTR: self._record})
+
+    def close(self, *, complete: bool = True) -> None:
+        """Commit the buffer (a last, possibly short shard) and finish.
+
+        Args:
+            complete: True marks the part complete; False leaves it resumable (e.g. after
+                Ctrl-C: everything written so far is committed, a rerun continues).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self.complete:
+            self._flush()
+            if complete:
+                self._record["complete"] = True
+                self._commit_record()
+        self._store.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(complete=exc_type is None)
+
+
+def _check_args(
+    attrs: dict[str, Any],
+    top_k: int,
+    hidden_size: int | None,
+    topk_codec: str,
+    rank: int,
+    world_size: int,
+    shard_tokens: int,
+    chunk_rows: int,
+) -> None:
+    if not isinstance(attrs.get("tokenizer_json"), str) or not attrs["tokenizer_json"]:
+        raise ConfigError("store attrs need 'tokenizer_json': the teacher tokenizer.json text")
+    classes = attrs.get("boundary_classes")
+    if (
+        not isinstance(classes, list | tuple)
+        or not classes
+        or not all(isinstance(c, str) for c in classes)
+    ):
+        raise ConfigError(
+            f"store attrs need 'boundary_classes': a list of class names such as {list(BOUNDARY_CLASSES)}"
+        )
+    if top_k < 0:
+        raise ConfigError(f"--top-k ({top_k}) must be 0 or more")
+    if hidden_size is not None and hidden_size < 0:
+        raise ConfigError(f"hidden_size ({hidden_size}) must be positive or None")
+    if topk_codec not in TOPK_CODECS:
+        raise ConfigError(f"--topk-codec {topk_codec!r} is not one of {', '.join(TOPK_CODECS)}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"--rank ({rank}) must be in [0, --world-size ({world_size}))")
+    if shard_tokens < 1 or chunk_rows < 1:
+        raise ConfigError(
+            f"shard_tokens ({shard_tokens}) and chunk_rows ({chunk_rows}) must be positive"
+        )
+
+
+def _is_part_name(name: str) -> bool:
+    return name.startswith("part-") and name[5:].isdigit()
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable ``key: store value vs new value`` lines for every differing leaf."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif _normal(a) != _normal(b):
+            out.append(f"{prefix}{key}: {_short(a)} in the store vs {_short(b)} now")
+    return out
+
+
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _short(value: Any) -> str:
+    text = repr(_normal(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _concatenate(
+    docs: list[Document], top_k: int, hidden_size: int | None, optional: list[str]
+) -> dict[str, np.ndarray]:
+    """CSR arrays of one shard from its documents (already normalised)."""
+    tok_counts = np.array([d.num_tokens for d in docs], dtype=np.int64)
+    byte_counts = np.array([len(d.text) for d in docs], dtype=np.int64)
+    out: dict[str, np.ndarray] = {
+        "doc_index": np.array([d.doc_index for d in docs], dtype=np.int64),
+        "doc_token_offsets": np.concatenate([[0], np.cumsum(tok_counts)]).astype(np.int64),
+        "doc_byte_offsets": np.concatenate([[0], np.cumsum(byte_counts)]).astype(np.int64),
+        "text": np.frombuffer(b"".join(d.text for d in docs), dtype=np.uint8).copy(),
+    }
+    names = ["token_ids", "token_spans", "token_logprob", "boundary_logmass"]
+    if top_k:
+        names += ["topk_ids", "topk_logprobs", "tail_logmass"]
+    if hidden_size:
+        names.append("hidden")
+    for name in names:
+        out[name] = np.concatenate([getattr(d, name) for d in docs], axis=0)
+    if "token_slot" in optional:
+        # A document without slots in a shard with chat documents is ordinary text: 0.
+        out["token_slot"] = np.concatenate(
+            [
+                d.token_slot if d.token_slot is not None else np.zeros(d.num_tokens, np.int8)
+                for d in docs
+            ]
+        )
+    if "loss_spans" in optional:
+        # None means "train on every byte", which is the span [0, len(text)).
+        spans = [
+            d.loss_spans if d.loss_spans is not None else np.array([[0, len(d.text)]], np.int64)
+            for d in docs
+        ]
+        counts = np.array([len(x) for x in spans], dtype=np.int64)
+        out["loss_span_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        out["loss_spans"] = np.concatenate(spans, axis=0).astype(np.int64).reshape(-1, 2)
+    return out
