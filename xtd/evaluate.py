@@ -1,0 +1,647 @@
+"""Evaluate causal LMs fairly across tokenizers: bits per byte, ensembles, exact match.
+
+**Bits per byte** is the total negative log-likelihood of a text in nats, divided by
+ln 2 and by the number of UTF-8 bytes scored. Unlike per-token perplexity it does not
+depend on how many tokens a tokenizer cuts the text into, so a model moved to another
+tokenizer compares with its original (nanochat's ``loss_eval.evaluate_bpb`` idea).
+
+Conventions, the same for every model:
+
+* **BOS.** Each text is encoded without special tokens, and the tokenizer's BOS (its EOS
+  when it has no BOS) is prepended, so the first text token is scored too and every byte
+  of the text counts. A tokenizer with neither cannot score its first token: that token
+  and its bytes are left out of both sums (``num_bytes`` then shows it).
+* **Windows.** A sequence longer than ``max_length`` is scored in windows of
+  ``max_length`` tokens that advance by ``stride``; each window scores only tokens that
+  no earlier window scored, so every token is scored exactly once, with at least
+  ``max(max_length - stride, 1)`` tokens of context (all of it while the window still
+  starts at the beginning). With ``max_length`` at least the longest sequence, a text is
+  scored whole, in one forward pass.
+* **Ensembles** (spec/ALM.md §7.3): models that share a tokenizer run on the same ids;
+  per position ``p`` takes the log of the mean probability and ``logp`` the mean
+  log-probability renormalised with a log-softmax.
+* **Held-out text** (``held_out_texts``): the *last* N documents of
+  :func:`xtd.assets.iter_embedded_corpus` (the end of the KJV). Precompute's default
+  slice takes documents from the start of that corpus and never reaches them.
+* **Exact match**: greedy generation after the prompt (BOS-prefixed the same way); the
+  prediction is the generated text up to EOS — cut at its first line break when the
+  reference answer is one line — and matches when it equals the answer, both stripped
+  of surrounding whitespace.
+
+Dimension letters: ``B`` windows in a batch, ``L`` window length, ``V`` vocabulary,
+``M`` ensemble members, ``N`` scored positions of one window.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from xtd.errors import ConfigError, DataError, TokenizerMismatchError
+
+if TYPE_CHECKING:
+    from xtd.config import EvalConfig
+    from xtd.tokenization import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EvalResult",
+    "TaskResult",
+    "EvalRow",
+    "Progress",
+    "bits_per_byte",
+    "ensemble_bits_per_byte",
+    "exact_match",
+    "read_texts",
+    "read_tasks",
+    "held_out_texts",
+    "check_model_tokenizer",
+    "check_shared_tokenizer",
+    "score_windows",
+    "tokenizer_label",
+    "evaluate",
+]
+
+Progress = Callable[[str, int, int], None]
+"""``progress(description, advance, total)``: called with 0 first, then per batch."""
+
+COMBINE_RULES = ("p", "logp")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Likelihood of some texts under one model (or ensemble).
+
+    Attributes:
+        model: the name shown in tables.
+        tokenizer: the tokenizer's name.
+        num_texts: texts scored.
+        num_bytes: UTF-8 bytes covered by the scored tokens.
+        num_tokens: tokens scored.
+        nll_nats: total negative log-likelihood of the scored tokens, natural log.
+    """
+
+    model: str
+    tokenizer: str
+    num_texts: int
+    num_bytes: int
+    num_tokens: int
+    nll_nats: float
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Total NLL in bits over the scored bytes (NaN when nothing was scored)."""
+        return self.nll_nats / math.log(2) / self.num_bytes if self.num_bytes else math.nan
+
+    @property
+    def token_perplexity(self) -> float:
+        """exp(mean NLL per token); depends on the tokenizer, unlike bits per byte."""
+        return math.exp(self.nll_nats / self.num_tokens) if self.num_tokens else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, the derived metrics included."""
+        return {
+            "model": self.model,
+            "tokenizer": self.tokenizer,
+            "num_texts": self.num_texts,
+            "num_bytes": self.num_bytes,
+            "num_tokens": self.num_tokens,
+            "nll_nats": self.nll_nats,
+            "bits_per_byte": self.bits_per_byte,
+            "token_perplexity": self.token_perplexity,
+        }
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Exact-match accuracy of greedy generation on prompt/answer pairs."""
+
+    model: str
+    num_examples: int
+    num_correct: int
+    predictions: tuple[str, ...]
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of exact matches (NaN for no examples)."""
+        return self.num_correct / self.num_examples if self.num_examples else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, the predictions included."""
+        return {
+            "model": self.model,
+            "num_examples": self.num_examples,
+            "num_correct": self.num_correct,
+            "exact_match": self.accuracy,
+            "predictions": list(self.predictions),
+        }
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One row of ``xtd eval``: a model (or ensemble) with its metrics."""
+
+    model: str
+    tokenizer: str
+    likelihood: EvalResult | None
+    task: TaskResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-able dict (what ``xtd eval --json`` prints per row)."""
+        out: dict[str, Any] = {"model": self.model, "tokenizer": self.tokenizer}
+        if self.likelihood is not None:
+            out.update({k: v for k, v in self.likelihood.to_dict().items() if k not in out})
+        if self.task is not None:
+            out.update(
+                exact_match=self.task.accuracy,
+                task_examples=self.task.num_examples,
+                task_correct=self.task.num_correct,
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_texts(path: str | os.PathLike[str]) -> list[str]:
+    """Texts to score: a ``.jsonl`` file (field ``text`` per line) or a plain text file.
+
+    Raises:
+        DataError: missing file, invalid UTF-8, a JSON line without a string ``text``,
+            or no non-empty text at all.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"text file {str(p)!r} does not exist; pass a .txt or .jsonl file with --text")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text file {str(p)!r} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8") from None
+    if p.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{str(p)!r} line {number} is not valid JSON: {exc.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{str(p)!r} line {number} has no string field 'text'")
+            texts.append(record["text"])
+    else:
+        texts = [raw]
+    if not any(texts):
+        raise DataError(f"text file {str(p)!r} is empty: there is no text to score")
+    return texts
+
+
+def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Prompt/answer pairs from a JSON-lines file (``{"prompt": ..., "answer": ...}``).
+
+    Raises:
+        DataError: missing or empty file, bad JSON, a line without string fields.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"task file {str(p)!r} does not exist; pass a JSON-lines file with --task")
+    tasks = []
+    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{str(p)!r} line {number} is not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
+            raise DataError(f"{str(p)!r} line {number} needs string fields 'prompt' and 'answer'")
+        tasks.append({"prompt": record["prompt"], "answer": record["answer"]})
+    if not tasks:
+        raise DataError(f"task file {str(p)!r} is empty: no prompt/answer pairs")
+    return tasks
+
+
+def held_out_texts(num_documents: int) -> list[str]:
+    """The last ``num_documents`` documents of the embedded corpus, in corpus order.
+
+    Precompute's default slice starts at the first document, so these stay unseen.
+    """
+    from xtd.assets import iter_embedded_corpus
+
+    if num_documents < 1:
+        raise ConfigError(f"--held-out ({num_documents}) must be at least 1")
+    tail = collections.deque(iter_embedded_corpus(), maxlen=num_documents)
+    return [record["text"] for record in tail]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _embedding_rows(model: torch.nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def check_model_tokenizer(model: torch.nn.Module, tokenizer: ByteTokenizer, *, model_name: str) -> None:
+    """Refuse a tokenizer with more ids than the model has embedding rows.
+
+    Raises:
+        TokenizerMismatchError: naming both and what to pass instead.
+    """
+    rows = _embedding_rows(model)
+    if tokenizer.vocab_size > rows:
+        raise TokenizerMismatchError(
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids but model {model_name!r} "
+            f"has only {rows} embedding rows: they do not belong together; pass the model's own "
+            "tokenizer with --tokenizer (or drop --tokenizer to use the one saved with the model)"
+        )
+
+
+def check_shared_tokenizer(members: Sequence[tuple[str, ByteTokenizer]]) -> None:
+    """Ensemble members must share one tokenizer (identical digests, spec/ALM.md §7.3).
+
+    Raises:
+        TokenizerMismatchError: listing each member's tokenizer and digest.
+    """
+    digests = {tok.digest for _, tok in members}
+    if len(digests) > 1:
+        listing = ", ".join(f"{name!r}: {tok.name} ({tok.digest})" for name, tok in members)
+        raise TokenizerMismatchError(
+            f"ensemble members do not share a tokenizer ({listing}); ensemble only models moved "
+            "to the same tokenizer, or force one with --tokenizer"
+        )
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _prefix_id(tokenizer: ByteTokenizer) -> int | None:
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    seqs: list[np.ndarray]  # per text: (n,) int64 ids, the BOS prefix included
+    num_bytes: int
+    num_tokens: int
+
+
+def _prepare(tokenizer: ByteTokenizer, texts: Sequence[str]) -> _Prepared:
+    """Encode texts with the BOS convention; count the bytes of the tokens to be scored."""
+    prefix = _prefix_id(tokenizer)
+    seqs, num_bytes, num_tokens = [], 0, 0
+    for enc in tokenizer.encode_batch(list(texts)):
+        ids = enc.ids.astype(np.int64)
+        widths = (enc.spans[:, 1] - enc.spans[:, 0]).astype(np.int64)
+        if prefix is not None:
+            ids = np.concatenate([[prefix], ids])
+        else:
+            widths = widths[1:]  # the first token has no context and is not scored
+        seqs.append(ids)
+        num_bytes += int(widths.sum())
+        num_tokens += max(len(ids) - 1, 0)
+    return _Prepared(seqs=seqs, num_bytes=num_bytes, num_tokens=num_tokens)
+
+
+def _windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows ``(begin, end, first)`` over a sequence; targets ``[first, end)`` are scored.
+
+    Positions 1..length-1 are targets (position 0 has no context); each is scored once.
+    """
+    out: list[tuple[int, int, int]] = []
+    begin, done = 0, 1
+    while done < length:
+        end = min(begin + max_length, length)
+        out.append((begin, end, done))
+        done = end
+        # A causal LM needs one token of context: the next window starts no later than
+        # the token before its first target.
+        begin = min(begin + stride, done - 1)
+    return out
+
+
+def score_windows(
+    models: Sequence[torch.nn.Module],
+    seqs: Sequence[np.ndarray],
+    *,
+    max_length: int,
+    stride: int,
+    batch_size: int,
+    combine: Sequence[str] = ("single",),
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, tuple[float, int]]:
+    """Total NLL (nats) and number of scored tokens of ``seqs`` under one model or an ensemble.
+
+    Args:
+        models: one model, or the ensemble members (same vocabulary ids).
+        seqs: per text an (n,) int id array; positions 1..n-1 are scored.
+        max_length, stride: the window scheme (module docstring).
+        batch_size: windows per forward pass (right-padded).
+        combine: ``"single"`` for one model; any of ``"p"``, ``"logp"`` for ensembles.
+        on_batch: called with the number of tokens scored after each batch.
+
+    Returns:
+        ``{rule: (nll_nats, num_tokens)}`` per entry of ``combine``.
+    """
+    if max_length < 2:
+        raise ConfigError(f"--max-length ({max_length}) must be at least 2")
+    if not 1 <= stride <= max_length:
+        raise ConfigError(f"--stride ({stride}) must be between 1 and --max-length ({max_length})")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size ({batch_size}) must be at least 1")
+    unknown = [rule for rule in combine if rule not in ("single", *COMBINE_RULES)]
+    if unknown or not combine:
+        raise ConfigError(f"unknown --combine rule(s) {unknown}; use {', '.join(COMBINE_RULES)}")
+    jobs = [(t, w) for t, seq in enumerate(seqs) for w in _windows(len(seq), max_length, stride)]
+    jobs.sort(key=lambda job: job[1][1] - job[1][0], reverse=True)  # less padding per batch
+    device = next(models[0].parameters()).device
+    totals = {rule: 0.0 for rule in combine}
+    count = 0
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        width = max(end - begin for _, (begin, end, _) in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, L)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (t, (begin, end, _)) in enumerate(batch):
+            ids[row, : end - begin] = torch.from_numpy(seqs[t][begin:end])
+            mask[row, : end - begin] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            logits = [m(input_ids=ids, attention_mask=mask).logits for m in models]  # M × (B, L, V)
+            vocab = min(x.shape[-1] for x in logits)
+            for row, (_, (begin, end, first)) in enumerate(batch):
+                # Logits at window position q predict the token at q + 1.
+                rows = slice(first - begin - 1, end - begin - 1)
+                target = ids[row, first - begin : end - begin]  # (N,)
+                member_logp = torch.stack(
+                    [x[row, rows, :vocab].float().log_softmax(-1) for x in logits]
+                )  # (M, N, V)
+                for rule in combine:
+                    if rule == "single":
+                        logp = member_logp[0]
+                    elif rule == "p":
+                        logp = member_logp.logsumexp(0) - math.log(len(models))
+                    else:  # "logp"
+                        logp = member_logp.mean(0).log_softmax(-1)
+                    totals[rule] -= float(logp.gather(-1, target[:, None]).sum())
+                count += end - first
+        del logits
+        if on_batch is not None:
+            on_batch(sum(end - first for _, (_, end, first) in batch))
+    return {rule: (totals[rule], count) for rule in combine}
+
+
+def _effective_window(model: torch.nn.Module, max_length: int, stride: int) -> tuple[int, int]:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 2 <= limit < max_length:
+        logger.warning("--max-length %d exceeds the model's %d positions; using %d", max_length, limit, limit)
+        return limit, min(stride, limit)
+    return max_length, stride
+
+
+def bits_per_byte(
+    model: torch.nn.Module,
+    tokenizer: ByteTokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 1024,
+    stride: int = 512,
+    batch_size: int = 1,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Bits per byte and token perplexity of ``texts`` under ``model`` (module docstring).
+
+    Raises:
+        TokenizerMismatchError: the tokenizer has more ids than the model's embeddings.
+        DataError: there is no text to score.
+        ConfigError: a bad window setting.
+    """
+    name = name or str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
+    check_model_tokenizer(model, tokenizer, model_name=name)
+    prepared = _prepare(tokenizer, texts)
+    if prepared.num_tokens == 0:
+        raise DataError("no text to score: every text is empty (or a single token without a BOS)")
+    max_length, stride = _effective_window(model, max_length, stride)
+    was_training = model.training
+    model.eval()
+    tick = _ticker(progress, f"scoring {name}", prepared.num_tokens)
+    try:
+        scores = score_windows(
+            [model], prepared.seqs, max_length=max_length, stride=stride, batch_size=batch_size, on_batch=tick
+        )
+    finally:
+        model.train(was_training)
+    nll, count = scores["single"]
+    assert count == prepared.num_tokens, (count, prepared.num_tokens)
+    return EvalResult(name, tokenizer.name, len(texts), prepared.num_bytes, count, nll)
+
+
+def ensemble_bits_per_byte(
+    models: Sequence[torch.nn.Module],
+    tokenizer: ByteTokenizer,
+    texts: Sequence[str],
+    *,
+    combine: Sequence[str] = COMBINE_RULES,
+    max_length: int = 1024,
+    stride: int = 512,
+    batch_size: int = 1,
+    name: str = "ensemble",
+    progress: Progress | None = None,
+) -> list[EvalResult]:
+    """Bits per byte of an ensemble of models that share ``tokenizer`` (spec/ALM.md §7.3).
+
+    One result per rule in ``combine`` (``p``: log of the mean probability; ``logp``:
+    renormalised mean log-probability), all from one pass over the members.
+
+    Raises:
+        ConfigError: fewer than two members or an unknown rule.
+        TokenizerMismatchError, DataError: as :func:`bits_per_byte`.
+    """
+    if len(models) < 2:
+        raise ConfigError(f"an ensemble needs at least two models, got {len(models)}")
+    bad = [c for c in combine if c not in COMBINE_RULES]
+    if bad or not combine:
+        raise ConfigError(f"--combine {','.join(combine)!r}: choose from {', '.join(COMBINE_RULES)}")
+    for i, model in enumerate(models):
+        check_model_tokenizer(model, tokenizer, model_name=f"{name} member {i + 1}")
+    prepared = _prepare(tokenizer, texts)
+    if prepared.num_tokens == 0:
+        raise DataError("no text to score: every text is empty (or a single token without a BOS)")
+    for model in models:
+        max_length, stride = _effective_window(model, max_length, stride)
+        model.eval()
+    tick = _ticker(progress, f"scoring {name}", prepared.num_tokens)
+    scores = score_windows(
+        list(models), prepared.seqs, max_length=max_length, stride=stride, batch_size=batch_size,
+        combine=tuple(combine), on_batch=tick,
+    )
+    return [
+        EvalResult(f"{name} ({rule})", tokenizer.name, len(texts), prepared.num_bytes, scores[rule][1], scores[rule][0])
+        for rule in combine
+    ]
+
+
+def _ticker(progress: Progress | None, description: str, total: int) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    progress(description, 0, total)
+    return lambda n: progress(description, n, total)
+
+
+# --------------------------------------------------------------------------- exact match
+
+
+def _prediction(generated: str, answer: str) -> str:
+    text = generated.strip()
+    if "\n" not in answer.strip():
+        text = text.split("\n", 1)[0].strip()
+    return text
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: ByteTokenizer,
+    tasks: Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int = 32,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> TaskResult:
+    """Exact-match accuracy of greedy generation (the module docstring's convention).
+
+    Raises:
+        ConfigError: ``max_new_tokens < 1``.
+        TokenizerMismatchError: the tokenizer has more ids than the model's embeddings.
+    """
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens ({max_new_tokens}) must be at least 1")
+    name = name or type(model).__name__
+    check_model_tokenizer(model, tokenizer, model_name=name)
+    prefix = _prefix_id(tokenizer)
+    stop = tokenizer.eos_id
+    pad = next(i for i in (tokenizer.pad_id, stop, 0) if i is not None)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad, bos_token_id=prefix
+    )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tick = _ticker(progress, f"generating {name}", len(tasks))
+    predictions, correct = [], 0
+    try:
+        for task in tasks:
+            ids = tokenizer.encode(task["prompt"]).ids.astype(np.int64)
+            if prefix is not None:
+                ids = np.concatenate([[prefix], ids])
+            if len(ids) == 0:
+                raise DataError("a task prompt is empty and the tokenizer has no BOS: nothing to generate from")
+            inputs = torch.from_numpy(ids)[None].to(device)  # (1, n)
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config
+                )
+            generated = tokenizer.hf.decode(out[0, inputs.shape[1] :].tolist(), skip_special_tokens=True)
+            prediction = _prediction(generated, task["answer"])
+            predictions.append(prediction)
+            correct += prediction == task["answer"].strip()
+            if tick is not None:
+                tick(1)
+    finally:
+        model.train(was_training)
+    return TaskResult(name, len(tasks), correct, tuple(predictions))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def _load(spec: str, tokenizer_spec: str | None, config: EvalConfig) -> tuple[Any, ByteTokenizer]:
+    from xtd.student import load_causal_lm, model_tokenizer
+    from xtd.tokenization import load_tokenizer
+
+    model = load_causal_lm(spec, dtype=config.dtype)
+    if tokenizer_spec is None:
+        tokenizer = model_tokenizer(spec)
+    else:
+        tokenizer = load_tokenizer(tokenizer_spec)
+    check_model_tokenizer(model, tokenizer, model_name=spec)
+    return model.to(_device(config.device)), tokenizer
+
+
+def tokenizer_label(tokenizer: ByteTokenizer) -> str:
+    """A short table label: the spec (a path shortened to its folder name) and the id count."""
+    name = tokenizer.name
+    path = Path(name)
+    if path.exists():
+        name = (path.parent if path.is_file() else path).name or name
+    return f"{name} ({tokenizer.vocab_size:,})"
+
+
+def evaluate(config: EvalConfig, *, progress: Progress | None = None) -> list[EvalRow]:
+    """Run ``xtd eval``: one row per ``--model`` and per ensemble rule.
+
+    Models are loaded one at a time (ensemble members together) and released after
+    their row. Inputs are read and checked before any model is loaded.
+
+    Raises:
+        DataError, ConfigError, ModelLoadError, TokenizerError: bad input, one line each.
+    """
+    texts: list[str] | None = None
+    if config.text is not None:
+        texts = read_texts(config.text)
+    elif config.held_out_documents() is not None:
+        texts = held_out_texts(config.held_out_documents())  # type: ignore[arg-type]
+    tasks = read_tasks(config.task) if config.task is not None else None
+
+    rows: list[EvalRow] = []
+    for i, spec in enumerate(config.model):
+        tok_spec = config.tokenizer_for(i)
+        model, tokenizer = _load(spec, tok_spec, config)
+        likelihood = task = None
+        if texts is not None:
+            likelihood = bits_per_byte(
+                model, tokenizer, texts, max_length=config.max_length, stride=config.stride,
+                batch_size=config.batch_size, name=spec, progress=progress,
+            )
+        if tasks is not None:
+            task = exact_match(model, tokenizer, tasks, max_new_tokens=config.max_new_tokens, name=spec, progress=progress)
+        rows.append(EvalRow(spec, tokenizer_label(tokenizer), likelihood, task))
+        del model
+        gc.collect()
+
+    for group in config.ensemble:
+        specs = [s.strip() for s in group.split(",") if s.strip()]
+        forced = config.tokenizer[0] if len(config.tokenizer) == 1 else None
+        members = [_load(spec, forced, config) for spec in specs]
+        check_shared_tokenizer([(spec, tok) for spec, (_, tok) in zip(specs, members, strict=True)])
+        tokenizer = members[0][1]
+        if texts is None:
+            logger.warning("ensemble %s: exact match is not computed for ensembles; pass --text or --held-out", group)
+            continue
+        results = ensemble_bits_per_byte(
+            [m for m, _ in members], tokenizer, texts, combine=config.combine, max_length=config.max_length,
+            stride=config.stride, batch_size=config.batch_size, name="+".join(specs), progress=progress,
+        )
+        rows.extend(EvalRow(r.model, tokenizer_label(tokenizer), r, None) for r in results)
+        del members
+        gc.collect()
+    return rows
