@@ -1,0 +1,150 @@
+"""``xtd train`` on the command line: defaults match TrainConfig, bad input gives one line
+before any training, ``--max-steps 0`` writes the untrained student."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from xtd.cli import app
+from xtd.cli.train import train_command
+from xtd.config import TrainConfig
+
+runner = CliRunner()
+
+
+def _texts() -> list[str]:
+    return [
+        "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles",
+        "And by opposing end them. To die: to sleep;\nNo more; and by a sleep to say we end",
+        "Hello world! Tabs\tand  spaces.",
+    ]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> dict[str, Path]:
+    from _stores import make_tiny_store
+
+    root = tmp_path_factory.mktemp("cli_stores")
+    return {
+        "full": make_tiny_store(root, tiny_lm, _texts(), name="full"),
+        "no_topk": make_tiny_store(root, tiny_lm, _texts(), name="no_topk", top_k=0),
+        "unfinished": make_tiny_store(root, tiny_lm, _texts(), name="unfinished", complete=False),
+    }
+
+
+def _args(store: Path, student: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--store", str(store), "--student", str(student), "--out", str(out), "--lora-rank", "0",
+        "--max-steps", "2", "--warmup-steps", "0", "--batch-size", "2", "--max-student-length", "32", *extra,
+    ]  # fmt: skip
+
+
+def _assert_one_line_error(result, phrase: str, out: Path) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[0].startswith("error:"), result.output
+    assert phrase in " ".join(result.output.split()), result.output
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()  # nothing trained
+
+
+def test_cli_defaults_equal_the_dataclass_defaults() -> None:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    params = inspect.signature(train_command).parameters
+    assert set(params) == set(fields)  # every setting has its flag, and no more
+    for name, param in params.items():
+        if fields[name].default is dataclasses.MISSING:
+            continue
+        default = param.default
+        if name == "boundary_classes":
+            default = tuple(default.split(","))
+        assert default == fields[name].default, name
+
+
+def test_help_shows_examples() -> None:
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "xtd train --store" in result.output and "--resume" in result.output
+
+
+def test_missing_store(tmp_path: Path, tiny_lm_b: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(tmp_path / "nope", tiny_lm_b, out))
+    _assert_one_line_error(result, "no store at", out)
+
+
+def test_unfinished_store(stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(stores["unfinished"], tiny_lm_b, out))
+    _assert_one_line_error(result, "is unfinished", out)
+
+
+def test_kd_needs_the_teachers_tokenizer(stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(stores["full"], tiny_lm_b, out, "--losses", "kd"))
+    _assert_one_line_error(result, "kd needs the student to use the teacher's tokenizer", out)
+
+
+@pytest.mark.parametrize("loss", ["kd", "uld", "mined"])
+def test_topk_loss_on_a_store_without_topk(stores: dict[str, Path], tiny_lm: Path, tmp_path: Path, loss: str) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(stores["no_topk"], tiny_lm, out, "--losses", f"alm+{loss}"))
+    _assert_one_line_error(result, "needs teacher top-k log-probs", out)
+
+
+def test_latents_on_a_store_without_hidden_states(stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(stores["full"], tiny_lm_b, out, "--losses", "alm+latents"))
+    _assert_one_line_error(result, "latents needs teacher hidden states", out)
+
+
+def test_cached_alignment_for_another_tokenizer(stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path) -> None:
+    from xtd.storage import open_store, write_alignment
+
+    store = tmp_path / "store"
+    shutil.copytree(stores["full"], store)
+    n = len(open_store(store))
+    docs = ({"student_ids": np.zeros(1, np.int32), "teacher_chunk": np.zeros(0, np.int32)} for _ in range(n))
+    write_alignment(store, "0123456789abcdef", docs, num_documents=n)
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(store, tiny_lm_b, out))
+    _assert_one_line_error(result, "holds cached alignments only for student tokenizer(s) 0123456789abcdef", out)
+
+
+def test_bad_flag_value_names_the_flag(stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(stores["full"], tiny_lm_b, out, "--warmup-steps", "5"))
+    _assert_one_line_error(result, "--warmup-steps (5) must be smaller than --max-steps (2)", out)
+
+
+def test_used_out_folder_needs_resume_or_overwrite(stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    result = runner.invoke(app, _args(stores["full"], tiny_lm_b, out))
+    assert result.exit_code == 1 and "--resume" in result.output and "--overwrite" in result.output
+
+
+def test_max_steps_zero_writes_the_untrained_student(
+    stores: dict[str, Path], tiny_lm: Path, tok_b_path: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    # A tokenizer change (FVT init) at --max-steps 0: the demo evaluates exactly this student.
+    args = _args(stores["full"], tiny_lm, out, "--tokenizer", str(tok_b_path))
+    args[args.index("--max-steps") + 1] = "0"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) == 700  # tok_b's vocabulary
+    assert '"steps": 0' in result.output
+    assert not (out / "checkpoints").exists()

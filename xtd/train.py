@@ -1,0 +1,841 @@
+"""Train a student of any tokenizer from teacher shards: ``xtd train`` and :func:`train`.
+
+Read top to bottom, :func:`_run` is the whole recipe (in the spirit of nanoGPT's
+``train.py``): checks → run folder → student → optimizer → resume → data → loop →
+save. Everything the loop needs per step sits in small functions above it.
+
+Dimension letters: ``B`` texts, ``S`` student tokens, ``T`` teacher rows, ``V`` vocab.
+
+Normalisation (spec/ALM.md §4.2 step 8, §4.4): the ALM group count and the SFT token
+count are data-only, so each step first sums them over its micro-batches and
+all-reduces them across ranks; every micro-batch loss is then a *sum* divided by
+those global counts, and the step's gradient is the sum of the micro-batch
+gradients (accumulated locally, then all-reduced once per step). The step's loss is
+therefore the same for any split into ranks and micro-batches.
+
+Data parallelism: under ``torchrun`` (``WORLD_SIZE`` > 1) each rank reads its own
+share of every step's texts; gradients are summed with one ``all_reduce`` per step
+rather than through a ``DistributedDataParallel`` wrapper, because GradMag calls
+``torch.autograd.grad`` on the last block inside the step, which DDP's bucket hooks
+do not expect. The maths is that of DDP with ``no_sync`` accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from xtd.batching import DataSpec, StepDataset, StepPlan, alm_targets
+from xtd.config import TrainConfig, flag
+from xtd.errors import ConfigError, StoreExistsError, StoreFormatError, TokenizerMismatchError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train", "TrainResult", "lr_at", "check_inputs", "compute_losses", "LossSetup"]
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TOPK_LOSSES = ("kd", "uld", "mined")
+# Settings that may change between a run and its --resume without changing the maths.
+_RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device", "max_steps"}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        out: the saved Hugging Face folder.
+        steps: optimizer steps taken in total (including those before a resume).
+        tokens: student tokens trained on (all ranks, padding excluded).
+        losses: the last step's loss terms (``loss`` = weighted sum), empty if no step ran.
+        history: one metrics record per logged step of this process's run.
+    """
+
+    out: Path
+    steps: int
+    tokens: int
+    losses: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, schedule: str = "linear") -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then decay to 0.
+
+    Steps ``0 .. warmup_steps − 1`` ramp linearly to ``lr`` (reached at the last
+    warm-up step); the remaining steps decay linearly or by a half cosine towards 0
+    at ``max_steps`` (spec/ALM.md §4.6).
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * (1.0 - progress)
+
+
+# --------------------------------------------------------------------------------------
+# Checks before training (one clear line each)
+# --------------------------------------------------------------------------------------
+
+
+def check_inputs(config: TrainConfig, readers: list[Any], student_tokenizer: Any) -> None:
+    """Raise before any training if the stores cannot serve the chosen losses.
+
+    Raises:
+        StoreFormatError: an unfinished store; a loss that needs top-k or hidden states
+            from a store without them; a boundary class the store does not hold.
+        TokenizerMismatchError: ``kd`` with a student tokenizer other than the store's,
+            or an ``xtd align --cache`` made for another student tokenizer.
+    """
+    losses = config.loss_names()
+    for url, reader in zip(config.store, readers, strict=True):
+        if not reader.complete:
+            raise StoreFormatError(
+                f"store {url!r} is unfinished ({len(reader)} documents committed); rerun the same "
+                "xtd precompute command to finish it, then train"
+            )
+        missing = [c for c in config.boundary_classes if c not in tuple(reader.boundary_classes)]
+        if missing and "alm" in losses:
+            raise StoreFormatError(
+                f"store {url!r} holds no boundary mass for {', '.join(missing)} (it has "
+                f"{', '.join(reader.boundary_classes)}); drop them from {flag('boundary_classes')}"
+            )
+        topk_losses = [n for n in losses if n in TOPK_LOSSES]
+        if topk_losses and not reader.top_k:
+            raise StoreFormatError(
+                f"{flag('losses')} {'+'.join(topk_losses)} needs teacher top-k log-probs, but store "
+                f"{url!r} has none; re-run xtd precompute with --top-k 64 or drop {'+'.join(topk_losses)}"
+            )
+        if "latents" in losses and not reader.hidden_size:
+            raise StoreFormatError(
+                f"{flag('losses')} latents needs teacher hidden states, but store {url!r} has none; "
+                "re-run xtd precompute with --hidden or drop latents"
+            )
+        if "kd" in losses:
+            from xtd.tokenization import tokenizer_from_json
+
+            teacher_digest = tokenizer_from_json(reader.tokenizer_json).digest
+            if teacher_digest != student_tokenizer.digest:
+                raise TokenizerMismatchError(
+                    f"{flag('losses')} kd needs the student to use the teacher's tokenizer, but store "
+                    f"{url!r} has tokenizer {teacher_digest} and the student {student_tokenizer.digest}; "
+                    "use alm (any tokenizer) instead of kd"
+                )
+        _check_alignment_cache(url, reader, student_tokenizer)
+
+
+def _check_alignment_cache(url: str, reader: Any, student_tokenizer: Any) -> None:
+    caches = _alignment_cache_digests(url)
+    if caches and student_tokenizer.digest not in caches:
+        raise TokenizerMismatchError(
+            f"store {url!r} holds cached alignments only for student tokenizer(s) "
+            f"{', '.join(sorted(caches))}, not for this student's {student_tokenizer.digest}; run "
+            f"`xtd align --cache {url}` with this student's tokenizer, or use the tokenizer the cache was made for"
+        )
+
+
+def _alignment_cache_digests(url: str) -> list[str]:
+    from xtd.storage import list_alignments
+
+    return list_alignments(url)
+
+
+def _usable_cache(url: str, digest: str, config: TrainConfig) -> str | None:
+    """The cache digest to read for ``url``, when it fits this run (unconstrained chunks)."""
+    if config.alm_chunks != "unconstrained" or digest not in _alignment_cache_digests(url):
+        return None
+    from xtd.storage import read_alignment
+
+    names = set(read_alignment(url, digest).names)
+    needed = {"student_ids", "student_spans", "student_chunk", "teacher_chunk"}
+    if not needed <= names:
+        logger.warning("alignment cache %s of %s lacks %s; aligning on the fly", digest, url, sorted(needed - names))
+        return None
+    return digest
+
+
+# --------------------------------------------------------------------------------------
+# One micro-batch: forward pass and the loss terms
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """Static inputs of :func:`compute_losses` (built once per run).
+
+    Attributes:
+        names: the chosen losses.
+        student_boundary_mask: (V,) bool, B_S of spec §4.1; its length is the real vocabulary.
+        tau, distance, merge, merge_threshold, debias: ALM settings (spec §4.2).
+        amp: bf16 autocast on CUDA.
+        mined_map: (V,) long student → teacher id map (``mined`` only).
+        teacher_vocab_size: V_T (``mined`` only).
+        latents_projection: H_S → H_T map when the hidden sizes differ (``latents`` only).
+    """
+
+    names: tuple[str, ...]
+    student_boundary_mask: torch.Tensor
+    tau: float = 100.0
+    distance: str = "binary_ce"
+    merge: bool = True
+    merge_threshold: float = 0.1
+    debias: bool = True
+    amp: bool = False
+    mined_map: torch.Tensor | None = None
+    teacher_vocab_size: int | None = None
+    latents_projection: torch.nn.Module | None = None
+
+
+def compute_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], setup: LossSetup, normalizers: dict[str, float]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Forward one micro-batch and return each loss term, divided by its global count.
+
+    Args:
+        model: the student (a causal LM returning ``.logits`` (B, S, V')).
+        batch: a padded micro-batch from :class:`xtd.batching.StepDataset`, on the model's device.
+        setup: which losses and their settings.
+        normalizers: global count per loss (:func:`xtd.batching.count_normalizers`, summed
+            over the step's micro-batches and all ranks).
+
+    Returns:
+        (terms, stats): 0-dim float32 tensors with gradients, and float statistics for the log.
+    """
+    from xtd import losses as L
+
+    names = setup.names
+    device_type = batch["input_ids"].device.type
+    autocast = (
+        torch.autocast(device_type, dtype=torch.bfloat16) if setup.amp and device_type == "cuda" else nullcontext()
+    )
+    with autocast:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"].long(),
+            output_hidden_states="latents" in names,
+        )
+    logits = out.logits  # (B, S, V'); the losses compute in fp32 (spec §4.1)
+    vocab = int(setup.student_boundary_mask.numel())
+    ids = batch["input_ids"]
+    terms: dict[str, torch.Tensor] = {}
+    stats: dict[str, float] = {}
+    targets = alm_targets(batch) if any(n in names for n in ("alm", "uld", "mined", "latents")) else None
+    chunks = None
+    if any(n in names for n in ("uld", "mined", "latents")):
+        chunks = L.alm_chunks(targets, merge=False)
+    student_logprob = student_sigma = None
+    if any(n in names for n in ("alm", "sft", "mined")):
+        student_logprob, student_sigma = L.student_path(logits, ids, setup.student_boundary_mask)
+    if "alm" in names:
+        terms["alm"], alm_stats = L.alm_loss(
+            student_logprob,
+            student_sigma,
+            targets,
+            tau=setup.tau,
+            distance=setup.distance,
+            merge=setup.merge,
+            merge_threshold=setup.merge_threshold,
+            debias=setup.debias,
+            normalizer=normalizers["alm"],
+        )
+        stats.update({k: float(v) for k, v in alm_stats.items() if _is_number(v)})
+    if "sft" in names:
+        terms["sft"] = L.sft_loss(student_logprob, batch["sft_mask"], normalizer=normalizers["sft"])
+    if "kd" in names:
+        terms["kd"] = L.kd_topk_loss(
+            logits,
+            batch["teacher_topk_ids"],
+            batch["teacher_topk_logprobs"],
+            batch["teacher_tail_logmass"],
+            batch["sft_mask"],
+            normalizer=normalizers["kd"],
+            vocab_size=vocab,
+        )
+    if "uld" in names:
+        terms["uld"] = L.uld_loss(
+            logits,
+            targets,
+            batch["teacher_topk_logprobs"],
+            batch["teacher_tail_logmass"],
+            normalizer=normalizers["uld"],
+            chunks=chunks,
+            vocab_size=vocab,
+        )
+    if "mined" in names:
+        terms["mined"] = L.mined_loss(
+            logits,
+            student_logprob,
+            targets,
+            batch["teacher_topk_ids"],
+            batch["teacher_topk_logprobs"],
+            batch["teacher_tail_logmass"],
+            setup.mined_map,
+            teacher_vocab_size=int(setup.teacher_vocab_size or 0),
+            normalizer=normalizers["mined"],
+            chunks=chunks,
+            vocab_size=vocab,
+        )
+    if "latents" in names:
+        terms["latents"] = L.latents_loss(
+            out.hidden_states[-1],
+            batch["teacher_hidden"],
+            targets,
+            projection=setup.latents_projection,
+            normalizer=normalizers["latents"],
+            chunks=chunks,
+        )
+    return terms, stats
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+# --------------------------------------------------------------------------------------
+# Distributed context, checkpoints, metrics
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls, device: str | None) -> _Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        if device is None:
+            dev = torch.device(f"cuda:{local}" if world > 1 else "cuda") if torch.cuda.is_available() else torch.device("cpu")
+        else:
+            dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        owns = False
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+            owns = True
+        if dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(rank=rank, world_size=world, device=dev, owns_group=owns)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum floats over ranks (float64, so counts stay exact)."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out: Path, step: int, root: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, counters: dict[str, Any]
+) -> Path:
+    """Write ``out/checkpoints/step-NNNNNNNN`` atomically (temp folder → rename).
+
+    Holds the trainable weights (everything else is rebuilt identically by the
+    seeded student load), the AdamW state, the RNG states, the data position (the
+    step: the data order is a pure function of it), counters and the config.
+    """
+    folder = out / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save({k: v.detach().cpu() for k, v in _trainable(root).items()}, tmp / "trainable.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(
+        {"step": step, "scheduler": {"step": step}, "data_position": step, "rng": _rng_state(), "counters": counters},
+        tmp / "state.pt",
+    )
+    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    for path in tmp.iterdir():  # make the contents durable before the rename publishes them
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint folder in ``out`` (temp folders never count)."""
+    root = out / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return done[-1] if done else None
+
+
+def _prune_checkpoints(out: Path, keep: int) -> None:
+    root = out / CHECKPOINT_DIR
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in done[: max(0, len(done) - max(keep, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-step-*"):  # left by a killed writer
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_resume_config(saved: dict[str, Any], config: TrainConfig, where: Path) -> None:
+    now = config.to_dict()
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        details = ", ".join(f"{flag(k)} {saved.get(k)!r} → {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"cannot --resume from {str(where)!r}: {details} changed; use the original settings, "
+            f"or {flag('overwrite')} to start afresh"
+        )
+
+
+def _format_line(record: dict[str, Any], terms: tuple[str, ...]) -> str:
+    parts = ", ".join(f"{n} {record[n]:.3f}" for n in terms if n in record)
+    rate = record["tokens_per_s"]
+    rate_s = f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
+    return (
+        f"step {record['step']}/{record['max_steps']} | loss {record['loss']:.3f}"
+        + (f" ({parts})" if len(terms) > 1 else "")
+        + f" | lr {record['lr']:.1e} | {rate_s} tok/s"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train a student from teacher shards and save it as a Hugging Face folder.
+
+    Args:
+        config: every setting (see :class:`xtd.config.TrainConfig`).
+        progress: called on the main rank after every step with the metrics record
+            (``step``, ``max_steps``, ``loss`` and each term, ``lr``, ``tokens_per_s``, ``eta_s``).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        XtdError: bad input, found before the first step (missing or unfinished store,
+            tokenizer mismatch, missing top-k or hidden states, run folder in use).
+    """
+    ctx = _Dist.from_env(config.device)
+    try:
+        return _run(config, ctx, progress)
+    finally:
+        ctx.close()
+
+
+def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+    from xtd.storage import open_store
+    from xtd.student import load_student, model_tokenizer
+    from xtd.tokenization import load_tokenizer
+
+    out = Path(config.out)
+    names = config.loss_names()
+    weights = config.loss_weight_map()
+
+    # 1. Checks that need no model: stores, losses, tokenizers.
+    readers = [open_store(url) for url in config.store]
+    student_tokenizer = (
+        load_tokenizer(config.tokenizer) if config.tokenizer else model_tokenizer(config.model_config or config.student)
+    )
+    check_inputs(config, readers, student_tokenizer)
+
+    # 2. The run folder: fresh, resumed or overwritten.
+    checkpoint = latest_checkpoint(out) if config.resume else None
+    if ctx.main:
+        _prepare_run_folder(out, config)
+    ctx.barrier()
+
+    # 3. The student (seeded, so a resumed run rebuilds the same frozen weights).
+    _seed_everything(config.seed)
+    student = load_student(
+        None if config.model_config else config.student,
+        tokenizer=student_tokenizer,
+        model_config=config.model_config,
+        lora_rank=config.lora_rank,
+        lora_alpha=float(config.lora_rank),  # spec §4.6: r = α
+        untie=config.untie,
+        seed=config.seed,
+    )
+    if student.tokenizer.digest != student_tokenizer.digest:  # pragma: no cover - a load_student bug
+        raise TokenizerMismatchError("the loaded student's tokenizer differs from the one checked against the store")
+    model = student.model.to(ctx.device)
+    model.train()
+    # Everything trained: the student, plus a hidden-size map for latents when H_S ≠ H_T.
+    root = torch.nn.ModuleDict({"student": model})
+    projection = _latents_projection(names, readers, model)
+    if projection is not None:
+        root["latents_projection"] = projection.to(ctx.device)
+    params = list(_trainable(root).values())
+    if not params and config.max_steps > 0:
+        raise ConfigError("the student has no trainable parameters; check --lora-rank")
+
+    # 4. Optimizer (AdamW; the lr is set every step from the pure schedule lr_at).
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
+    )
+
+    # 5. Resume: weights, optimizer, RNG and data position.
+    start_step, counters = 0, {"tokens": 0, "documents": 0, "elapsed_s": 0.0}
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / "config.json").read_text())
+        _check_resume_config(saved, config, checkpoint)
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        trainable = torch.load(checkpoint / "trainable.pt", map_location=ctx.device)
+        with torch.no_grad():
+            for name, p in _trainable(root).items():
+                p.copy_(trainable[name])
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=ctx.device))
+        _set_rng_state(state["rng"])
+        start_step, counters = int(state["step"]), dict(state["counters"])
+        logger.info("resuming from %s (step %d)", checkpoint, start_step)
+        if ctx.main:
+            _truncate_metrics(out / METRICS_FILE, start_step)
+    elif config.resume:
+        logger.info("no checkpoint in %s; starting from step 0", out)
+
+    # 6. Data: this rank's micro-batches of each step, prepared in DataLoader workers.
+    plan = StepPlan(
+        tuple(len(r) for r in readers), config.batch_size, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size
+    )
+    local_texts = config.batch_size // ctx.world_size
+    spec = DataSpec(
+        stores=tuple(config.store),
+        student_tokenizer=student.tokenizer,
+        plan=plan,
+        micro_batch_size=min(config.micro_batch_size or local_texts, local_texts),
+        max_student_length=config.max_student_length,
+        max_teacher_length=config.max_teacher_length,
+        boundary_classes=tuple(config.boundary_classes),
+        alm_chunks=config.alm_chunks,
+        merge=config.merge,
+        merge_threshold=config.merge_threshold,
+        losses=names,
+        alignment_cache=tuple(_usable_cache(url, student.tokenizer.digest, config) for url in config.store),
+    )
+    loader = torch.utils.data.DataLoader(
+        StepDataset(spec),
+        batch_size=None,
+        sampler=range(start_step, config.max_steps),
+        num_workers=config.num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if config.num_workers > 0 else None,
+    )
+    setup = LossSetup(
+        names=names,
+        student_boundary_mask=torch.as_tensor(
+            student.tokenizer.boundary_mask(tuple(config.boundary_classes)), dtype=torch.bool, device=ctx.device
+        ),
+        tau=config.tau,
+        distance=config.distance,
+        merge=config.merge,
+        merge_threshold=config.merge_threshold,
+        debias=config.debias,
+        amp=config.amp,
+        latents_projection=projection,
+        **_mined_setup(names, readers, student.tokenizer, ctx.device),
+    )
+    last_block = _last_block(model) if config.gradmag and len(names) > 1 else []
+    if config.gradmag and len(names) > 1 and any(w != 1.0 for w in weights.values()):
+        logger.info("%s is on: fixed %s cancel out and are ignored", flag("gradmag"), flag("loss_weights"))
+
+    # 7. The loop.
+    history: list[dict[str, Any]] = []
+    last: dict[str, float] = {}
+    run_start, run_steps = time.perf_counter(), 0
+    for step, data in zip(range(start_step, config.max_steps), loader, strict=False):
+        t0 = time.perf_counter()
+        lr = lr_at(
+            step, lr=config.lr, warmup_steps=config.resolved_warmup_steps(), max_steps=config.max_steps,
+            schedule=config.schedule,
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Global counts before any forward pass (spec §4.2 step 8): one all-reduce per step.
+        local = [sum(c[n] for c in data["counts"]) for n in names]
+        *global_counts, tokens, documents = ctx.sum([*local, data["student_tokens"], len(data["documents"])])
+        normalizers = dict(zip(names, global_counts, strict=True))
+
+        totals = dict.fromkeys(names, 0.0)
+        stats_list: list[dict[str, float]] = []
+        gradmag_list: list[dict[str, float]] = []
+        for mb_index, batch in enumerate(data["micro_batches"]):
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            terms, stats = compute_losses(model, batch, setup, normalizers)
+            stats_list.append(stats)
+            objective, gm = _combine(terms, weights, last_block, data["counts"][mb_index])
+            gradmag_list.append(gm)
+            if objective.requires_grad:
+                objective.backward()
+            for name, value in terms.items():
+                totals[name] += float(value.detach())
+
+        ctx.sum_grads(params)
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            if config.max_grad_norm > 0
+            else float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Logging: global loss terms, throughput and ETA.
+        totals = dict(zip(names, ctx.sum([totals[n] for n in names]), strict=True))
+        extra = _reduce_stats(stats_list, ctx)
+        extra.update({f"gradmag_{k}": v for k, v in _reduce_stats(gradmag_list, None).items()})
+        step_time = time.perf_counter() - t0
+        run_steps += 1
+        counters["tokens"] += int(tokens)
+        counters["documents"] += int(documents)
+        counters["elapsed_s"] += step_time
+        mean_step = (time.perf_counter() - run_start) / run_steps
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "max_steps": config.max_steps,
+            "loss": sum(weights[n] * totals[n] for n in names),
+            **totals,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / max(step_time, 1e-9),
+            **{f"count_{n}": int(normalizers[n]) for n in names},
+            "epoch": plan.epoch_of(step + 1),
+            "step_time_s": step_time,
+            "eta_s": mean_step * (config.max_steps - step - 1),
+            **extra,
+        }
+        last = {k: float(record[k]) for k in ("loss", *names)}
+        if ctx.main:
+            history.append(record)
+            if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
+                logger.info(_format_line(record, names))
+                with open(out / METRICS_FILE, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress(record)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
+                save_checkpoint(out, step + 1, root, optimizer, config, counters)
+                _prune_checkpoints(out, config.keep_checkpoints)
+        _after_step(step + 1)
+        ctx.barrier()
+
+    # 8. Save the student (LoRA merged) with a card naming the store and every setting.
+    if ctx.main:
+        if config.max_steps > start_step:
+            save_checkpoint(out, config.max_steps, root, optimizer, config, counters)
+            _prune_checkpoints(out, config.keep_checkpoints)
+        card = {
+            **config.to_dict(),  # every setting, one row each in the model card
+            "store": ", ".join(config.store),
+            "teacher": [r.attrs.get("teacher") for r in readers],
+            "steps_done": config.max_steps,
+            "tokens_trained": counters["tokens"],
+            "final_losses": last,
+        }
+        student.model = model
+        _save_into(student, out, card)
+    ctx.barrier()
+    return TrainResult(out=out, steps=config.max_steps, tokens=int(counters["tokens"]), losses=last, history=history)
+
+
+_SUMMED_STATS = ("alm_groups", "alm_binary_kl", "alm_partial_chunks", "alm_dropped_groups")
+
+
+def _reduce_stats(per_batch: list[dict[str, float]], ctx: _Dist | None) -> dict[str, float]:
+    """One value per statistic for the step's log.
+
+    Counts and normalised sums (``alm_binary_kl``) add up over micro-batches and ranks
+    (the global value); ``*_min``/``*_max`` take the extreme; anything else (means,
+    GradMag weights) is averaged over this rank's micro-batches.
+    """
+    keys = sorted({k for stats in per_batch for k in stats})
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [stats[key] for stats in per_batch if key in stats]
+        if key in _SUMMED_STATS:
+            out[key] = sum(values)
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    summed = [k for k in keys if k in _SUMMED_STATS]
+    if ctx is not None and summed:
+        out.update(zip(summed, ctx.sum([out[k] for k in summed]), strict=True))
+    return out
+
+
+def _after_step(step: int) -> None:
+    """Hook point after every optimizer step (tests slow a run down here to kill it mid-way)."""
+
+
+def _combine(
+    terms: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    last_block: list[torch.nn.Parameter],
+    counts: dict[str, int],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The micro-batch objective: GradMag-weighted (spec §4.5) or fixed-weighted sum of terms.
+
+    A term with nothing to score in this micro-batch (local count 0) is left out: its
+    gradient is zero, and GradMag's 1/‖G‖ would otherwise swamp the other terms.
+    """
+    live = {n: t for n, t in terms.items() if t.requires_grad and counts.get(n, 1) > 0}
+    if not live:
+        return next(iter(terms.values())) * 0.0, {}
+    if last_block and len(live) > 1:
+        from xtd.losses import gradmag_weights
+
+        gm = gradmag_weights(live, last_block)
+        return sum(gm[n] * live[n] for n in live), {n: float(gm[n]) for n in live}
+    return sum(weights[n] * live[n] for n in live), {}
+
+
+def _last_block(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    from xtd.losses import last_block_parameters
+
+    return [p for p in last_block_parameters(model) if p.requires_grad]
+
+
+def _latents_projection(names: tuple[str, ...], readers: list[Any], model: torch.nn.Module) -> torch.nn.Module | None:
+    """A trained H_S → H_T linear map when ``latents`` compares hidden states of different sizes."""
+    if "latents" not in names:
+        return None
+    teacher_size = int(readers[0].hidden_size)
+    student_size = int(model.config.hidden_size)
+    if any(int(r.hidden_size) != teacher_size for r in readers):
+        raise ConfigError(f"{flag('losses')} latents needs stores of one hidden size; the --store values differ")
+    if student_size == teacher_size:
+        return None
+    from xtd.losses import make_latent_projection
+
+    return make_latent_projection(student_size, teacher_size)
+
+
+def _mined_setup(names: tuple[str, ...], readers: list[Any], student_tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    """The MinED student → teacher id map (built once per run, spec §5)."""
+    if "mined" not in names:
+        return {}
+    from xtd.losses import build_mined_map
+    from xtd.tokenization import tokenizer_from_json
+
+    teachers = {r.tokenizer_json for r in readers}
+    if len(teachers) > 1:
+        raise TokenizerMismatchError(f"{flag('losses')} mined needs every --store to share one teacher tokenizer")
+    teacher = tokenizer_from_json(teachers.pop())
+    mined_map = torch.as_tensor(build_mined_map(teacher.token_bytes, student_tokenizer.token_bytes), dtype=torch.long, device=device)
+    return {"mined_map": mined_map, "teacher_vocab_size": teacher.vocab_size}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_folder(out: Path, config: TrainConfig) -> None:
+    used = out.exists() and any(out.iterdir())
+    if used and config.overwrite:
+        for name in (CHECKPOINT_DIR, METRICS_FILE):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif used and not config.resume:
+        raise StoreExistsError(
+            f"{flag('out')} {str(out)!r} is not empty; pass {flag('resume')} to continue its run or "
+            f"{flag('overwrite')} to start afresh"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def _save_into(student: Any, out: Path, card: dict[str, Any]) -> None:
+    """Save the HF folder next to ``out``, then move its files in (``out`` keeps the run files)."""
+    from xtd.student import save_student
+
+    staging = out.parent / f".{out.name}-model-{os.getpid()}"
+    save_student(student, staging, card=card, overwrite=True)
+    for path in staging.iterdir():
+        target = out / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    staging.rmdir()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics records after ``step`` (written before a kill, replayed after the resume)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
