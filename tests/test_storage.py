@@ -32,6 +32,8 @@ from xtd.storage import (
     BOUNDARY_CLASSES,
     Document,
     StoreWriter,
+    decode_topk,
+    encode_topk,
     list_alignments,
     open_store,
     q8_error_bound,
@@ -139,6 +141,34 @@ def write_store(url, docs, *, shard_tokens: int = 100, chunk_rows: int = 16, **k
             writer.write(doc)
 
 
+def expected_topk(want: Document, codec: str) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k a reader must return, the slow obvious way: every row's (id, true log-prob)
+    pairs sorted by descending *quantised* log-prob, ties by ascending id (docs/format.md)."""
+    quantised = decode_topk(encode_topk(want.topk_logprobs, codec), codec)
+    ids, truth = [], []
+    for row_ids, row_q, row_x in zip(
+        want.topk_ids.tolist(), quantised.tolist(), want.topk_logprobs.tolist(), strict=True
+    ):
+        pairs = sorted(zip(row_ids, row_q, row_x, strict=True), key=lambda p: (-p[1], p[0]))
+        ids.append([p[0] for p in pairs])
+        truth.append([p[2] for p in pairs])
+    k = want.topk_ids.shape[1]
+    return np.array(ids, dtype=np.int64).reshape(-1, k), np.array(truth, np.float32).reshape(-1, k)
+
+
+def assert_same_topk(ids: np.ndarray, logprobs: np.ndarray, want: Document, *, codec: str) -> None:
+    """Ids exact in canonical order; each log-prob within the codec's bound of its true value."""
+    want_ids, x = expected_topk(want, codec)
+    np.testing.assert_array_equal(ids, want_ids)
+    with np.errstate(invalid="ignore"):  # -inf - -inf
+        assert not np.any(np.diff(logprobs, axis=1) > 0)  # descending
+    expected = np.where(np.isfinite(x), np.maximum(x, -20.0), x) if codec == "q8" else x
+    finite = np.isfinite(expected)
+    assert np.array_equal(np.isfinite(logprobs), finite)
+    bound = q8_error_bound() if codec == "q8" else 1e-3 * np.abs(expected[finite]) + 1e-7
+    assert np.all(np.abs(logprobs[finite] - expected[finite]) <= bound + 1e-6)
+
+
 def assert_same_doc(got: Document, want: Document, *, codec: str = "q8") -> None:
     assert got.doc_index == want.doc_index
     assert got.text == want.text
@@ -157,13 +187,7 @@ def assert_same_doc(got: Document, want: Document, *, codec: str = "q8") -> None
             np.testing.assert_array_equal(a, np.asarray(b).astype(a.dtype), err_msg=name)
     np.testing.assert_array_equal(got.token_logprob, want.token_logprob)  # NaN == NaN here
     if want.topk_ids is not None:
-        np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
-        x = want.topk_logprobs
-        expected = np.where(np.isfinite(x), np.maximum(x, -20.0), x) if codec == "q8" else x
-        finite = np.isfinite(expected)
-        assert np.array_equal(np.isfinite(got.topk_logprobs), finite)
-        bound = q8_error_bound() if codec == "q8" else 1e-3 * np.abs(expected[finite]) + 1e-7
-        assert np.all(np.abs(got.topk_logprobs[finite] - expected[finite]) <= bound + 1e-6)
+        assert_same_topk(got.topk_ids, got.topk_logprobs, want, codec=codec)
     if want.loss_spans is not None:
         np.testing.assert_array_equal(got.loss_spans, want.loss_spans)
 
@@ -511,6 +535,53 @@ def test_verify_finds_structural_defects(tmp_path):
     assert any("token_logprob: row 0" in p for p in problems), problems
 
 
+@pytest.mark.parametrize(
+    ("array", "value", "phrase"),
+    [
+        ("topk_ids", -3, "topk_ids: negative rank differences"),
+        ("topk_floor", 0, "topk_logprobs: values above their row's topk_floor"),
+    ],
+)
+def test_verify_names_a_broken_topk_layout(tmp_path, array, value, phrase):
+    import zarr
+
+    docs = make_docs(17, 8)
+    write_store(tmp_path / "s", docs, shard_tokens=10_000)
+    shard = zarr.open_group(tmp_path / "s" / "part-00000" / "shard-000000", mode="r+")
+    data = shard[array][...]
+    data[[5] if data.ndim == 1 else (5, 1)] = value  # rows 5: a row with a top-k spread
+    shard[array][...] = data
+    _reseal(tmp_path / "s", "part-00000", "shard-000000")  # checksums pass: the layout is judged
+    problems = verify_store(tmp_path / "s")
+    assert any(phrase in p for p in problems), problems
+
+
+def _reseal(url: Path, part: str, name: str) -> None:
+    """Record fresh checksums for a shard edited in place (what a buggy writer would leave)."""
+    from xtd.storage.format import (
+        PART_ATTR,
+        SHARD_ATTR,
+        checksum,
+        open_zarr_store,
+        read_bytes,
+        read_group_attrs,
+        write_group_json,
+    )
+
+    store = open_zarr_store(url, writable=True)
+    path = f"{part}/{name}"
+    meta = read_group_attrs(store, path)
+    for rel, info in meta[SHARD_ATTR]["files"].items():
+        blob = read_bytes(store, f"{path}/{rel}")
+        info.update(crc32c=checksum(blob), bytes=len(blob))
+    meta_bytes = write_group_json(store, path, meta)
+    record = read_group_attrs(store, part)
+    for entry in record[PART_ATTR]["shards"]:
+        if entry["name"] == name:
+            entry["zarr_json_crc32c"] = checksum(meta_bytes)
+    write_group_json(store, part, record)
+
+
 def test_verify_requires_full_coverage_unless_recorded(tmp_path):
     docs = make_docs(13, 6)
     docs[4].text = docs[4].text + b" tail the teacher never saw"
@@ -541,10 +612,11 @@ def _format_md_snippet() -> str:
     return match.group(1)
 
 
-def test_plain_zarr_numpy_reader_from_format_md(tmp_path):
+@pytest.mark.parametrize("codec", ["q8", "fp16"])
+def test_plain_zarr_numpy_reader_from_format_md(tmp_path, codec):
     docs = make_docs(15)
     for rank in (0, 1):
-        write_store(tmp_path / "s", docs[rank::2], rank=rank, world_size=2)
+        write_store(tmp_path / "s", docs[rank::2], rank=rank, world_size=2, topk_codec=codec)
     code = _format_md_snippet()
     imported = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", code, re.M))
     assert imported <= {"json", "numpy", "zarr"}, imported
@@ -557,9 +629,7 @@ def test_plain_zarr_numpy_reader_from_format_md(tmp_path):
         np.testing.assert_array_equal(got["token_ids"], want.token_ids)
         np.testing.assert_array_equal(got["token_spans"], want.token_spans)
         np.testing.assert_array_equal(got["token_logprob"], want.token_logprob)
-        finite = np.isfinite(want.topk_logprobs)
-        err = np.abs(got["topk_logprobs"][finite] - np.maximum(want.topk_logprobs[finite], -20))
-        assert np.all(err <= q8_error_bound() + 1e-6)
+        assert_same_topk(got["topk_ids"], got["topk_logprobs"], want, codec=codec)
 
 
 # ------------------------------------------------------------------ cached alignments

@@ -67,7 +67,7 @@ ALIGNMENT_ATTR = "xtd_alignment"
 # "loss" (M). Trailing kinds are resolved per store (K, C, H).
 DOC_ARRAYS = ("doc_index", "doc_token_offsets", "doc_byte_offsets")
 TOKEN_ARRAYS_REQUIRED = ("token_ids", "token_spans", "token_logprob", "boundary_logmass")
-TOKEN_ARRAYS_TOPK = ("topk_ids", "topk_logprobs", "tail_logmass")
+# Top-k arrays depend on the codec: xtd.storage.codecs.topk_array_names, plus tail_logmass.
 
 StoreUrl = str | Path | Store
 

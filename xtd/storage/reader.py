@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from xtd.storage.codecs import decode_topk
+from xtd.storage.codecs import decode_topk, topk_array_names, unpack_topk
 from xtd.storage.format import (
     PART_ATTR,
     SHARD_ATTR,
     TOKEN_ARRAYS_REQUIRED,
-    TOKEN_ARRAYS_TOPK,
     Document,
     StoreUrl,
     open_zarr_store,
@@ -147,13 +146,14 @@ class StoreReader:
         self._cache_shards = max(1, cache_shards)
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._handles: OrderedDict[tuple[int, str], zarr.Array] = OrderedDict()
+        self._tables: dict[int, np.ndarray] = {}  # shard -> topk_id_table (small)
 
     # ----------------------------------------------------------------- layout
 
     def _array_names(self, optional: list[str]) -> tuple[str, ...]:
         names = list(TOKEN_ARRAYS_REQUIRED)
         if self.top_k:
-            names += TOKEN_ARRAYS_TOPK
+            names += [*topk_array_names(self.topk_codec), "tail_logmass"]
         if self.hidden_size:
             names.append("hidden")
         if "token_slot" in optional:
@@ -239,8 +239,8 @@ class StoreReader:
             doc_index=self._shard_doc_index(s, j),
         )
         if self.top_k:
-            doc.topk_ids = self._rows(s, "topk_ids", t0, t1)
-            doc.topk_logprobs = decode_topk(self._rows(s, "topk_logprobs", t0, t1), self.topk_codec)
+            doc.topk_ids, values = self._topk(s, t0, t1)
+            doc.topk_logprobs = decode_topk(values, self.topk_codec)
             doc.tail_logmass = self._rows(s, "tail_logmass", t0, t1)
         if self.hidden_size:
             doc.hidden = self._rows(s, "hidden", t0, t1)
@@ -250,6 +250,22 @@ class StoreReader:
             l0, l1 = (int(x) for x in self._rows(s, "loss_span_offsets", j, j + 2))
             doc.loss_spans = self._rows(s, "loss_spans", l0, l1)
         return doc
+
+    def _topk(self, s: int, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``[t0, t1)`` of shard ``s``: (n, K) int32 ids and quantised values, canonical order."""
+        cached = self._cache.get(s)
+        if cached is not None:
+            return cached["topk_ids"][t0:t1], cached["topk_values"][t0:t1]
+        stored = {
+            name: self._rows(s, name, t0, t1)
+            for name in topk_array_names(self.topk_codec)
+            if name != "topk_id_table"
+        }
+        table = self._tables.get(s)
+        if table is None:
+            table = self._tables[s] = self._handle(s, "topk_id_table")[...]
+        stored["topk_id_table"] = table
+        return unpack_topk(stored, self.topk_codec)
 
     def _shard_doc_index(self, s: int, j: int) -> int:
         cached = self._cache.get(s)
@@ -266,6 +282,12 @@ class StoreReader:
             return
         shard = self._shards[s]
         data = {name: self._handle(s, name)[...] for name in (*shard.arrays, "doc_index")}
+        if self.top_k:
+            # Decode the whole shard's top-k once: documents then slice it.
+            ids, values = unpack_topk(data, self.topk_codec)
+            for name in topk_array_names(self.topk_codec):
+                del data[name]
+            data["topk_ids"], data["topk_values"] = ids, values
         self._cache[s] = data
         while len(self._cache) > self._cache_limit():
             self._cache.popitem(last=False)
@@ -339,6 +361,7 @@ class StoreReader:
         """Drop caches and close the underlying store."""
         self._cache.clear()
         self._handles.clear()
+        self._tables.clear()
         self._store.close()
 
     def __enter__(self) -> StoreReader:
@@ -352,12 +375,14 @@ class StoreReader:
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
         state["_handles"] = OrderedDict()
+        state["_tables"] = {}
         return state
 
 
 _ORDER = (
     "doc_index doc_token_offsets doc_byte_offsets text token_ids token_spans token_logprob "
-    "boundary_logmass topk_ids topk_logprobs tail_logmass hidden token_slot loss_span_offsets loss_spans"
+    "boundary_logmass topk_ids topk_logprobs topk_floor topk_id_table tail_logmass hidden token_slot "
+    "loss_span_offsets loss_spans"
 ).split()
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from xtd.storage.codecs import decode_topk, topk_stored_dtype
+from xtd.storage.codecs import decode_topk, topk_stored_dtype, unpack_topk
 from xtd.storage.format import (
     ALIGNMENT_ATTR,
     PART_ATTR,
@@ -245,6 +245,9 @@ class _Context:
         if self.top_k:
             expected["topk_ids"] = ("int32", (self.top_k,))
             expected["topk_logprobs"] = (str(topk_stored_dtype(self.codec)), (self.top_k,))
+            if self.codec == "q8":
+                expected["topk_floor"] = ("uint8", ())
+            expected["topk_id_table"] = ("int32", ())
             expected["tail_logmass"] = ("float32", ())
         if self.hidden:
             expected["hidden"] = ("float16", (self.hidden,))
@@ -285,6 +288,7 @@ class _Context:
                 "text",
                 "loss_span_offsets",
                 "loss_spans",
+                "topk_id_table",
             ):
                 continue
             if len(data[name]) != n_tokens:
@@ -384,6 +388,23 @@ class _Context:
                     f"{path}/token_spans: row {i} (id {int(data['token_ids'][i])}) has {what}"
                 )
 
+    def check_topk_layout(self, path: str, data: dict[str, np.ndarray]) -> bool:
+        """The set layout of docs/format.md: a valid id table, ascending ranks, no wrap-around."""
+        table = data["topk_id_table"]
+        if len(table) and (table.min() < 0 or len(np.unique(table)) != len(table)):
+            self.problem(f"{path}/topk_id_table: ids must be distinct and ≥ 0")
+            return False
+        stored = data["topk_ids"]
+        if stored.size and stored.min() < 0:
+            self.problem(
+                f"{path}/topk_ids: negative rank differences (each row's ranks must ascend)"
+            )
+            return False
+        if "topk_floor" in data and np.any(data["topk_logprobs"] > data["topk_floor"][:, None]):
+            self.problem(f"{path}/topk_logprobs: values above their row's topk_floor")
+            return False
+        return True
+
     def check_values(
         self, path: str, data: dict[str, np.ndarray], tok_off: np.ndarray, byte_off: np.ndarray
     ) -> None:
@@ -400,11 +421,11 @@ class _Context:
         bl = data["boundary_logmass"].astype(np.float32)
         if np.any(np.isnan(bl)) or np.any(bl > _LOGPROB_TOLERANCE):
             self.problem(f"{path}/boundary_logmass: values must be ≤ 0 and not NaN")
-        if self.top_k:
-            ids = data["topk_ids"]
+        if self.top_k and self.check_topk_layout(path, data):
+            ids, values = unpack_topk(data, self.codec)
             if len(ids) and (ids.min() < 0 or (self.vocab_size and ids.max() >= self.vocab_size)):
                 self.problem(f"{path}/topk_ids: ids outside the vocabulary [0, {self.vocab_size})")
-            tk = decode_topk(data["topk_logprobs"], self.codec)
+            tk = decode_topk(values, self.codec)
             if np.any(np.isnan(tk)) or np.any(tk > _LOGPROB_TOLERANCE):
                 self.problem(f"{path}/topk_logprobs: values must be ≤ 0 and not NaN")
             tail = data["tail_logmass"]

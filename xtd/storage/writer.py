@@ -33,6 +33,7 @@ from xtd.storage.codecs import (
     compressors_for,
     encode_topk,
     filters_for,
+    pack_topk,
 )
 from xtd.storage.format import (
     BOUNDARY_CLASSES,
@@ -135,17 +136,30 @@ def describe_quantities(
     }
     if top_k > 0:
         q["topk_ids"] = {
-            "holds": "top-k next-token ids after token i",
+            "holds": "top-k next-token ids after token i, as a set: each row's ascending "
+            "ranks in topk_id_table, stored as differences along K (docs/format.md)",
             "dtype": "int32",
             "shape": f"[N, {top_k}]",
             "k": top_k,
         }
         q["topk_logprobs"] = {
-            "holds": "log-probs of topk_ids",
+            "holds": "log-probs of topk_ids, in the same order"
+            + ("; q8 as topk_floor - code" if topk_codec == "q8" else ""),
             "dtype": str(np.dtype(np.float16) if topk_codec == "fp16" else np.dtype(np.uint8)),
             "shape": f"[N, {top_k}]",
             "k": top_k,
             "quantisation": codec_params(topk_codec),
+        }
+        if topk_codec == "q8":
+            q["topk_floor"] = {
+                "holds": "largest q8 code of each top-k row",
+                "dtype": "uint8",
+                "shape": "[N]",
+            }
+        q["topk_id_table"] = {
+            "holds": "per shard: its most frequent top-k ids, most frequent first",
+            "dtype": "int32",
+            "shape": "[T]",
         }
         q["tail_logmass"] = {
             "holds": "log(1 - sum of the top-k probs)",
@@ -493,6 +507,8 @@ class StoreWriter:
                     f"{where}: the store has top_k={k} but the document has no top-k arrays"
                 )
             out.topk_ids = cast("topk_ids", doc.topk_ids, np.int32, (n, k))
+            if n and out.topk_ids.min() < 0:
+                raise DataError(f"{where}: topk_ids has negative ids")
             out.topk_logprobs = encode_topk(
                 cast("topk_logprobs", doc.topk_logprobs, np.float32, (n, k)), self.topk_codec
             )
@@ -524,7 +540,7 @@ class StoreWriter:
         optional = [
             n for n in ("token_slot", "loss_spans") if any(getattr(d, n) is not None for d in docs)
         ]
-        arrays = _concatenate(docs, self.top_k, self.hidden_size, optional)
+        arrays = _concatenate(docs, self.top_k, self.topk_codec, self.hidden_size, optional)
         name = shard_name(len(self._record["shards"]))
         path = f"{self._part}/{name}"
         files = write_arrays(self._store, path, arrays, chunk_rows=self.chunk_rows)
@@ -657,7 +673,11 @@ def _short(value: Any) -> str:
 
 
 def _concatenate(
-    docs: list[Document], top_k: int, hidden_size: int | None, optional: list[str]
+    docs: list[Document],
+    top_k: int,
+    topk_codec: str,
+    hidden_size: int | None,
+    optional: list[str],
 ) -> dict[str, np.ndarray]:
     """CSR arrays of one shard from its documents (already normalised)."""
     tok_counts = np.array([d.num_tokens for d in docs], dtype=np.int64)
@@ -675,6 +695,9 @@ def _concatenate(
         names.append("hidden")
     for name in names:
         out[name] = np.concatenate([getattr(d, name) for d in docs], axis=0)
+    if top_k:
+        # The id table is per shard, so the row layout is made here, not per document.
+        out.update(pack_topk(out.pop("topk_ids"), out.pop("topk_logprobs"), topk_codec))
     if "token_slot" in optional:
         # A document without slots in a shard with chat documents is ordinary text: 0.
         out["token_slot"] = np.concatenate(
