@@ -42,6 +42,25 @@ def setup_logging(verbosity: int = 0) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    if verbosity <= 0:
+        _quiet_third_party()
+
+
+def _quiet_third_party() -> None:
+    """Silence the libraries' own progress bars and deprecation chatter on the CLI.
+
+    transformers draws tqdm bars for every weight load and save and warns about its own
+    deprecated internals; xtd shows its own progress instead (``-v`` keeps them). The
+    environment variables are read when those libraries are first imported, which the
+    CLI does only after this runs, so nothing heavy is imported here.
+    """
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
 def set_progress_enabled(enabled: bool) -> None:

@@ -1,0 +1,470 @@
+"""Stage 1: run the teacher once over a dataset and write the shard store (DESIGN.md §3–5).
+
+:func:`precompute` wires :mod:`xtd.data` (records), :mod:`xtd.teacher` (scoring) and
+:mod:`xtd.storage` (the writer). In order, so that bad input fails before any weights
+load:
+
+1. open the data and resolve the teacher (config, tokenizer, weights digest);
+2. one pass over the records: fingerprint, counts, empty records (skipped and counted),
+   a check that conversations can be rendered;
+3. open this rank's part of the store — a store written with other settings is refused
+   unless ``overwrite`` — and read the resume point ``documents_committed``;
+4. load the model and score this rank's documents (document ``d`` belongs to rank
+   ``d % world_size``), skipping the committed ones; a background thread writes each
+   document while the teacher computes the next batch (a bounded queue, so memory
+   stays flat whatever the dataset size).
+
+Documents are written in ``doc_index`` order, and the teacher's batches are a pure
+function of the input (see :mod:`xtd.teacher`), so rerunning an interrupted command
+produces a store array-equal to an uninterrupted run. Ctrl-C finishes the writes in
+flight, keeps every committed shard and re-raises ``KeyboardInterrupt``.
+
+Conversations (lists of ``{role, content}``) are rendered with the teacher's chat
+template (``chat_template="auto"``) or as plain ``role: content`` lines (``"never"``);
+``loss_spans`` then hold the assistant turns' byte ranges. ``token_slot`` is not
+written in this version: special tokens are stored as rows with empty byte spans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from xtd.config import PrecomputeConfig, flag
+from xtd.data import DataSource, Record, record_fingerprint_bytes, render_conversation
+from xtd.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["precompute", "PrecomputeResult", "PrecomputeProgress", "resolve_rank"]
+
+BOUNDARY_CLASS_RULES = {
+    "space": "the next token's byte view starts with 0x20 (and it is not special)",
+    "newline": "the next token's byte view starts with 0x0A (and it is not special)",
+    "tab": "the next token's byte view starts with 0x09 (and it is not special)",
+    "special": "the next token is a special token of the teacher tokenizer (tested first)",
+}
+SCORING_VERSION = 1
+_QUEUE_DOCUMENTS = 64
+
+
+@dataclass(frozen=True)
+class PrecomputeProgress:
+    """What a progress callback receives after each document is handed to the writer."""
+
+    documents_done: int
+    """Documents of this rank done, committed ones of an earlier run included."""
+    documents_total: int
+    """Non-empty documents of this rank."""
+    tokens: int
+    """Token rows scored in this run."""
+    elapsed_s: float
+    """Seconds since the teacher started scoring."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Scored token rows per second in this run."""
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class PrecomputeResult:
+    """Summary of one :func:`precompute` call (one rank)."""
+
+    out: str
+    rank: int
+    world_size: int
+    documents_total: int
+    """Non-empty documents of this rank."""
+    documents_written: int
+    """Documents scored and written in this run."""
+    documents_resumed: int
+    """Documents already committed by an earlier run (skipped)."""
+    empty_documents: int
+    """Empty records of this rank, skipped."""
+    tokens: int
+    """Token rows written in this run."""
+    seconds: float
+    """Wall time of the scoring loop."""
+    complete: bool
+    """Whether this rank's part is complete."""
+    inexact_loss_spans: int = 0
+    """Conversations whose assistant turns could not be located exactly (trained on whole text)."""
+    teacher: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Token rows written per second of scoring."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)`` from the arguments, else torchrun's ``RANK``/``WORLD_SIZE``, else (0, 1).
+
+    Raises:
+        ConfigError: only one of the two given, or a rank outside ``[0, world_size)``.
+    """
+    if (rank is None) != (world_size is None):
+        raise ConfigError(f"give both {flag('rank')} and {flag('world_size')}, or neither")
+    if rank is None:
+        try:
+            rank = int(os.environ.get("RANK", "0"))
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ConfigError("the RANK/WORLD_SIZE environment variables must be integers") from None
+    assert world_size is not None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"{flag('rank')} ({rank}) must be in [0, {flag('world_size')} ({world_size}))")
+    return rank, world_size
+
+
+@dataclass
+class _Scan:
+    records: int = 0
+    empty: int = 0
+    rank_documents: int = 0
+    rank_empty: int = 0
+    conversations: int = 0
+    fingerprint: str = ""
+
+
+def _scan(source: DataSource, rank: int, world_size: int) -> _Scan:
+    """One pass over the records: fingerprint and counts (no tokenisation)."""
+    h = hashlib.sha256()
+    scan = _Scan()
+    for record in source:
+        h.update(record_fingerprint_bytes(record))
+        scan.records += 1
+        mine = record.index % world_size == rank
+        if record.messages is not None:
+            scan.conversations += 1
+        if record.is_empty:
+            scan.empty += 1
+            scan.rank_empty += mine
+        else:
+            scan.rank_documents += mine
+    scan.fingerprint = h.hexdigest()[:16]
+    return scan
+
+
+def precompute(
+    config: PrecomputeConfig,
+    *,
+    progress: Callable[[PrecomputeProgress], None] | None = None,
+) -> PrecomputeResult:
+    """Run the teacher over the data and write (or resume) this rank's part of the store.
+
+    Args:
+        config: every setting (:class:`xtd.config.PrecomputeConfig`).
+        progress: called after each document with a :class:`PrecomputeProgress`.
+
+    Returns:
+        A :class:`PrecomputeResult` for this rank.
+
+    Raises:
+        DataError: missing or empty data, a missing text field, invalid UTF-8, a
+            conversation that cannot be rendered.
+        ModelLoadError: a teacher that cannot be loaded.
+        ConfigError: invalid settings (e.g. ``top_k`` above the vocabulary size).
+        StoreExistsError: the store holds other settings and ``overwrite`` is False.
+        KeyboardInterrupt: after committed work is safely closed.
+    """
+    from xtd.storage import StoreWriter
+    from xtd.teacher import load_teacher, resolve_dtype, resolve_teacher
+    from xtd.tokenization import BOUNDARY_CLASSES
+
+    rank, world_size = resolve_rank(config.rank, config.world_size)
+    source = DataSource(
+        config.data, split=config.split, text_field=config.text_field, limit=config.limit, errors=config.errors
+    )
+    teacher_source = resolve_teacher(config.teacher, revision=config.revision)
+    vocab = teacher_source.vocab_size
+    if config.top_k > vocab:
+        raise ConfigError(
+            f"{flag('top_k')} ({config.top_k}) is larger than the teacher vocabulary ({vocab} ids); "
+            f"use at most {vocab}, or 0 to store no top-k"
+        )
+    max_length = config.max_length
+    limit = teacher_source.max_positions
+    if limit is not None and max_length > limit:
+        if config.stride >= limit:
+            raise ConfigError(
+                f"{flag('max_length')} ({max_length}) exceeds the teacher's context ({limit}) and "
+                f"{flag('stride')} ({config.stride}) does not fit in it; pass {flag('max_length')} {limit} "
+                f"and a smaller {flag('stride')}"
+            )
+        logger.warning("--max-length %d exceeds the teacher's context; using %d", max_length, limit)
+        max_length = limit
+    scan = _scan(source, rank, world_size)
+    where = source.describe()["source"]
+    if scan.records == 0:
+        raise DataError(f"dataset {where!r} is empty (no records{' within --limit' if config.limit else ''})")
+    if scan.records == scan.empty:
+        raise DataError(f"dataset {where!r} has {scan.records} records and all of them are empty")
+    if scan.conversations and config.chat_template == "auto" and not getattr(
+        teacher_source.tokenizer.hf, "chat_template", None
+    ):
+        raise DataError(
+            f"dataset {where!r} holds conversations but teacher {teacher_source.name!r} has no chat template; "
+            f"pass {flag('chat_template')} never to render them as plain 'role: content' lines"
+        )
+    device = "cuda" if _cuda_available() else "cpu"
+    dtype = resolve_dtype(config.dtype, device)
+    hidden_size = teacher_source.hidden_size if config.hidden else None
+    settings = {
+        "scoring_version": SCORING_VERSION,
+        "top_k": config.top_k,
+        "topk_codec": config.topk_codec,
+        "max_length": max_length,
+        "stride": config.stride,
+        "hidden": config.hidden,
+        "dtype": dtype,
+        "chat_template": config.chat_template,
+        "add_special_tokens": True,
+        "limit": config.limit,
+        "errors": config.errors,
+        "empty_documents": "skipped",
+    }
+    attrs = {
+        "teacher": teacher_source.describe(dtype),
+        "tokenizer_json": teacher_source.tokenizer.to_json(),
+        "tokenizer_digest": teacher_source.tokenizer.digest,
+        "boundary_classes": list(BOUNDARY_CLASSES),
+        "boundary_class_rules": {c: BOUNDARY_CLASS_RULES[c] for c in BOUNDARY_CLASSES},
+        "dataset": {
+            **source.describe(),
+            "fingerprint": scan.fingerprint,
+            "records": scan.records,
+            "empty_records": scan.empty,
+            "conversations": scan.conversations,
+            "chat_template": config.chat_template if scan.conversations else None,
+        },
+        "settings": settings,
+        "windowing": (
+            f"windows of at most {max_length} tokens; each later window starts {config.stride} tokens "
+            "before the previous one ended and scores only its new rows"
+        ),
+        "token_slot": "not written (v1): special tokens are rows with empty byte spans",
+    }
+    writer_kwargs: dict[str, Any] = {}
+    if config.shard_tokens is not None:
+        writer_kwargs["shard_tokens"] = config.shard_tokens
+    writer = StoreWriter(
+        config.out,
+        attrs=attrs,
+        top_k=config.top_k,
+        hidden_size=hidden_size,
+        topk_codec=config.topk_codec,
+        rank=rank,
+        world_size=world_size,
+        overwrite=config.overwrite,
+        **writer_kwargs,
+    )
+    committed = writer.documents_committed
+    result = PrecomputeResult(
+        out=str(config.out),
+        rank=rank,
+        world_size=world_size,
+        documents_total=scan.rank_documents,
+        documents_written=0,
+        documents_resumed=committed,
+        empty_documents=scan.rank_empty,
+        tokens=0,
+        seconds=0.0,
+        complete=writer.complete,
+        teacher=attrs["teacher"],
+        settings=settings,
+    )
+    if writer.complete:
+        logger.info("part %d of %r is already complete; nothing to do", rank, str(config.out))
+        writer.close(complete=False)
+        return result
+    if committed:
+        logger.info("resuming after %d committed documents of rank %d", committed, rank)
+    try:
+        teacher = load_teacher(teacher_source, dtype=config.dtype, device=device)
+        if hidden_size is not None and teacher.hidden_size != hidden_size:
+            raise ConfigError(
+                f"teacher {teacher_source.name!r}: config hidden_size {hidden_size} differs from its output "
+                f"layer's input width {teacher.hidden_size}; cannot store hidden states"
+            )
+    except BaseException:
+        writer.close(complete=False)
+        raise
+    inputs = _teacher_inputs(
+        source,
+        teacher_source.tokenizer.hf,
+        config.chat_template,
+        rank,
+        world_size,
+        result,
+        with_loss_spans=scan.conversations > 0,
+    )
+    from xtd.teacher import score_documents
+
+    background = _BackgroundWriter(writer)
+    started = time.perf_counter()
+    if progress is not None:  # the first pool takes a while: show the total at once
+        progress(PrecomputeProgress(committed, scan.rank_documents, 0, 0.0))
+    try:
+        documents = score_documents(
+            teacher,
+            inputs,
+            top_k=config.top_k,
+            max_length=max_length,
+            stride=config.stride,
+            batch_tokens=config.batch_tokens,
+            hidden=config.hidden,
+            skip=committed,
+        )
+        for doc in documents:
+            background.put(doc)
+            result.documents_written += 1
+            result.tokens += doc.num_tokens
+            if progress is not None:
+                progress(
+                    PrecomputeProgress(
+                        documents_done=committed + result.documents_written,
+                        documents_total=scan.rank_documents,
+                        tokens=result.tokens,
+                        elapsed_s=time.perf_counter() - started,
+                    )
+                )
+        background.finish()
+    except BaseException:
+        # Ctrl-C or an error: documents already queued are complete, so write them;
+        # the writer commits whole shards and drops only its uncommitted buffer.
+        background.finish(raise_errors=False)
+        writer.close(complete=False)
+        result.seconds = time.perf_counter() - started
+        raise
+    writer.close(complete=True)
+    result.seconds = time.perf_counter() - started
+    result.complete = True
+    if result.inexact_loss_spans:
+        logger.warning(
+            "%d conversations: the chat template changes message contents, so their assistant turns "
+            "could not be located exactly; they are trained on in full",
+            result.inexact_loss_spans,
+        )
+    return result
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _teacher_inputs(
+    source: DataSource,
+    hf_tokenizer: Any,
+    chat_template: str,
+    rank: int,
+    world_size: int,
+    result: PrecomputeResult,
+    *,
+    with_loss_spans: bool,
+) -> Iterator[Any]:
+    """This rank's non-empty records as TeacherInputs, conversations rendered.
+
+    The store needs the same optional arrays in every document of a part, so when the
+    data holds any conversation (``with_loss_spans``), a plain text gets one loss span
+    over its whole text.
+    """
+    from xtd.teacher import TeacherInput
+
+    for record in source:
+        if record.index % world_size != rank or record.is_empty:
+            continue
+        item = _render(record, hf_tokenizer, chat_template, result)
+        if with_loss_spans and item.loss_spans is None:
+            item = TeacherInput(item.doc_index, item.text, item.chat, [(0, len(item.text.encode("utf-8")))])
+        yield item
+
+
+def _render(record: Record, hf_tokenizer: Any, chat_template: str, result: PrecomputeResult) -> Any:
+    from xtd.teacher import TeacherInput
+
+    if record.messages is None:
+        text = record.text or ""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(
+                f"record {record.index} holds a lone surrogate at character {exc.start}, which is not "
+                "valid UTF-8; fix the data"
+            ) from None
+        return TeacherInput(record.index, text)
+    try:
+        rendered = render_conversation(list(record.messages), hf_tokenizer, mode=chat_template)  # type: ignore[arg-type]
+    except DataError:
+        raise
+    except Exception as exc:  # jinja2 TemplateError and friends from the template itself
+        raise DataError(f"record {record.index}: the chat template cannot render it: {exc}") from None
+    spans = rendered.loss_spans
+    if spans is None:
+        result.inexact_loss_spans += 1
+        spans = [(0, len(rendered.text.encode("utf-8")))]
+    return TeacherInput(record.index, rendered.text, chat=chat_template == "auto", loss_spans=spans)
+
+
+class _BackgroundWriter:
+    """Writes documents in a thread; the bounded queue keeps memory flat (DESIGN.md §3)."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DOCUMENTS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xtd-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            doc = self._queue.get()
+            if doc is None:
+                return
+            if self._error is not None:
+                continue  # drain without writing after a failure
+            try:
+                self._writer.write(doc)
+            except BaseException as exc:  # reported to the main thread
+                self._error = exc
+
+    def put(self, doc: Any) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(doc, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self, *, raise_errors: bool = True) -> None:
+        """Write everything queued, stop the thread, re-raise a write error."""
+        while True:
+            try:
+                self._queue.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                if not self._thread.is_alive():
+                    break
+        self._thread.join()
+        if raise_errors and self._error is not None:
+            raise self._error
+
+
+def result_dict(result: PrecomputeResult) -> dict[str, Any]:
+    """The result as plain JSON-able values (for ``--json`` and logs)."""
+    out = asdict(result)
+    out["tokens_per_s"] = result.tokens_per_s
+    return out
