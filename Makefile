@@ -36,14 +36,28 @@ test: setup  ## install, then run the whole suite (slow-marked tests included)
 test-fast: setup  ## the suite without slow-marked tests
 	$(PY) -m pytest -q -m "not slow"
 
+# The demo pipeline: the embedded SmolLM2-135M-Instruct teacher runs once over a slice of the
+# embedded corpus; SmolLM2 is moved to the GPT-2 tokenizer (FVT init) and self-distilled with
+# ALM+SFT from the shards; then bits per byte on held-out text for teacher, init and student.
+DEMO ?= runs/demo
+XTD := $(VENV)/bin/xtd
+DEMO_DOCS ?= 24
+DEMO_STEPS ?= 40
 demo: setup  ## install, then distil SmolLM2 into a GPT-2-tokenizer student and compare bits per byte
-	$(PY) -m xtd demo --out runs/demo
+	$(XTD) precompute --out $(DEMO)/teacher.zarr --limit $(DEMO_DOCS) --max-length 512 --stride 128 --top-k 0
+	$(XTD) verify $(DEMO)/teacher.zarr
+	$(XTD) train --store $(DEMO)/teacher.zarr --tokenizer embedded:gpt2 --out $(DEMO)/fvt-init \
+	    --max-steps 0 --overwrite
+	$(XTD) train --store $(DEMO)/teacher.zarr --tokenizer embedded:gpt2 --out $(DEMO)/student \
+	    --losses alm+sft --max-steps $(DEMO_STEPS) --batch-size 4 --max-student-length 256 \
+	    --lora-rank 0 --lr 1e-4 --warmup-steps 4 --checkpoint-every 20 --overwrite
+	$(XTD) eval --model embedded:smollm2 --model $(DEMO)/fvt-init --model $(DEMO)/student --held-out 4
 
 bench: setup  ## run every benchmark; writes results/bench.json and results/bench.md
 	$(PY) bench/run_all.py
 
 experiment: setup  ## miniature of the paper's Table 1 (≤ 60 min); QUICK=1 for the ≤ 5 min size
-	$(PY) -m xtd experiment --out results $(if $(QUICK),--quick,)
+	$(PY) experiments/table1.py --out results $(if $(QUICK),--quick,)
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check xtd tests bench
