@@ -36,21 +36,23 @@ test: setup  ## install, then run the whole suite (slow-marked tests included)
 test-fast: setup  ## the suite without slow-marked tests
 	$(PY) -m pytest -q -m "not slow"
 
-# The demo pipeline: the embedded SmolLM2-135M-Instruct teacher runs once over a slice of the
-# embedded corpus; SmolLM2 is moved to the GPT-2 tokenizer (FVT init) and self-distilled with
-# ALM+SFT from the shards; then bits per byte on held-out text for teacher, init and student.
+# The demo pipeline: the embedded SmolLM2-135M-Instruct teacher runs once over the first verses of
+# the embedded King James Bible; SmolLM2 is moved to the GPT-2 tokenizer (FVT init) and
+# self-distilled with ALM+SFT from the shards; then bits per byte on held-out text (the last
+# chapters of the corpus) for the teacher, the FVT initialisation and the trained student.
 DEMO ?= runs/demo
 XTD := $(VENV)/bin/xtd
-DEMO_DOCS ?= 24
-DEMO_STEPS ?= 40
+DEMO_VERSES ?= 800
+DEMO_STEPS ?= 30
 demo: setup  ## install, then distil SmolLM2 into a GPT-2-tokenizer student and compare bits per byte
-	$(XTD) precompute --out $(DEMO)/teacher.zarr --limit $(DEMO_DOCS) --max-length 512 --stride 128 --top-k 0
+	$(XTD) precompute --out $(DEMO)/teacher.zarr --top-k 0 --limit $(DEMO_VERSES) \
+	    --data "$$($(PY) -c 'from xtd.assets import kjv_path; print(kjv_path())')"
 	$(XTD) verify $(DEMO)/teacher.zarr
 	$(XTD) train --store $(DEMO)/teacher.zarr --tokenizer embedded:gpt2 --out $(DEMO)/fvt-init \
 	    --max-steps 0 --overwrite
 	$(XTD) train --store $(DEMO)/teacher.zarr --tokenizer embedded:gpt2 --out $(DEMO)/student \
-	    --losses alm+sft --max-steps $(DEMO_STEPS) --batch-size 4 --max-student-length 256 \
-	    --lora-rank 0 --lr 1e-4 --warmup-steps 4 --checkpoint-every 20 --overwrite
+	    --losses alm+sft --max-steps $(DEMO_STEPS) --batch-size 16 --lora-rank 0 --lr 1e-4 \
+	    --warmup-steps 3 --checkpoint-every 10 --overwrite
 	$(XTD) eval --model embedded:smollm2 --model $(DEMO)/fvt-init --model $(DEMO)/student --held-out 4
 
 bench: setup  ## run every benchmark; writes results/bench.json and results/bench.md

@@ -272,6 +272,14 @@ def test_distance_minimum_has_zero_gradient():
         assert abs(g.item()) < 1e-12
 
 
+def test_train_config_distances_are_the_losses_without_renyi():
+    # xtd.config lists --distance choices itself (it must not import torch); renyi is left
+    # out on purpose: its order alpha is not a TrainConfig field.
+    from xtd.config import TRAIN_ALM_DISTANCES
+
+    assert TRAIN_ALM_DISTANCES == tuple(d for d in ALM_DISTANCES if d != "renyi")
+
+
 @pytest.mark.parametrize("kind", ALM_DISTANCES)
 def test_distances_match_scalar_reference(kind):
     rng = np.random.default_rng(0)

@@ -257,6 +257,13 @@ def test_round_trip_codecs_hidden_and_chat(tmp_path, codec):
     assert verify_store(tmp_path / "s") == []
 
 
+def test_boundary_class_columns_match_tokenization():
+    # storage keeps its own copy so that it imports nothing above it (DESIGN.md §2).
+    from xtd.tokenization import BOUNDARY_CLASSES as TOKENIZATION_CLASSES
+
+    assert BOUNDARY_CLASSES == TOKENIZATION_CLASSES
+
+
 def test_no_topk_store(tmp_path):
     docs = make_docs(1, 10, top_k=0)
     write_store(tmp_path / "s", docs, top_k=0)

@@ -36,7 +36,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ __all__ = [
     "StepPlan",
     "DataSpec",
     "StepDataset",
+    "AlignmentInputs",
+    "alignment_inputs",
+    "document_text",
     "count_normalizers",
     "alm_targets",
     "teacher_sigma",
@@ -434,11 +437,9 @@ def build_example(
 ) -> dict[str, np.ndarray]:
     """Tokenise one stored document for the student, align it and gather teacher rows.
 
-    The student side mirrors the teacher's leading special token: when the teacher's
-    row 0 is a special token (empty span at byte 0, e.g. a bos) and the student has a
-    bos, the student gets its own bos first, so the two form a (void) slot chunk as in
-    spec §10.7. Other teacher slot tokens (chat templates) are one-sided for the
-    student and belong to no chunk (spec §3.1 step 2).
+    Both sides are labelled by :func:`alignment_inputs` (slot tokens; the student
+    mirrors a leading teacher bos with its own, spec §10.7), the rules that
+    ``xtd align --cache`` applies too.
 
     Args:
         doc: an ``xtd.storage.Document``.
@@ -461,23 +462,21 @@ def build_example(
     """
     from xtd.align import align, space_chunks
 
-    t_spans_full = np.asarray(doc.token_spans).reshape(-1, 2)
-    t_special_full = _teacher_special(doc, t_spans_full)
     if cached is not None:
-        s_ids = np.asarray(cached["student_ids"]).astype(np.int64)
-        s_spans = np.asarray(cached["student_spans"]).reshape(-1, 2)
+        sides = alignment_inputs(
+            doc,
+            student_tokenizer,
+            np.asarray(cached["student_ids"]).astype(np.int64),
+            np.asarray(cached["student_spans"]).reshape(-1, 2),
+            mirror_bos=False,  # the cache holds the student side as aligned, bos included
+        )
     else:
-        try:
-            text = bytes(doc.text).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: stored text is not valid UTF-8 ({exc}); check the store with xtd verify") from None
-        enc = student_tokenizer.encode(text)
-        s_ids, s_spans = np.asarray(enc.ids).astype(np.int64), np.asarray(enc.spans).reshape(-1, 2)
-        bos = getattr(student_tokenizer, "bos_id", None)
-        if bos is not None and len(t_spans_full) and t_special_full[0] >= 0 and t_spans_full[0, 1] == 0:
-            s_ids = np.concatenate([[bos], s_ids]).astype(np.int64)
-            s_spans = np.concatenate([np.zeros((1, 2), s_spans.dtype), s_spans])
-    s_special_full = np.where(np.isin(s_ids, student_tokenizer.special_ids), 0, -1).astype(np.int64)
+        enc = student_tokenizer.encode(document_text(doc, where=where))
+        sides = alignment_inputs(
+            doc, student_tokenizer, np.asarray(enc.ids).astype(np.int64), np.asarray(enc.spans).reshape(-1, 2)
+        )
+    t_spans_full, t_special_full = sides.teacher_spans, sides.teacher_special
+    s_ids, s_spans, s_special_full = sides.student_ids, sides.student_spans, sides.student_special
 
     num_s, num_t = truncate_example(
         s_spans, t_spans_full, max_student_length=max_student_length, max_teacher_length=max_teacher_length
@@ -525,17 +524,74 @@ def build_example(
     return example
 
 
-def _teacher_special(doc: Any, spans: np.ndarray) -> np.ndarray:
-    """(T,) int64 slot label per teacher row for :func:`xtd.align.align` (−1 = text).
+class AlignmentInputs(NamedTuple):
+    """Both sides of one stored document, labelled as :func:`xtd.align.align` takes them.
 
-    Chat stores carry ``token_slot`` (0 = text); otherwise every empty-span token is a
-    special token (label 0).
+    Attributes:
+        teacher_spans: (T, 2) byte ranges of the stored teacher rows.
+        teacher_special: (T,) int64 slot label per teacher row, −1 = text.
+        student_ids: (S,) student ids (the caller's dtype), a mirrored bos first.
+        student_spans: (S, 2) byte ranges of the student tokens.
+        student_special: (S,) int64: 0 for a student special token, −1 = text.
     """
+
+    teacher_spans: np.ndarray
+    teacher_special: np.ndarray
+    student_ids: np.ndarray
+    student_spans: np.ndarray
+    student_special: np.ndarray
+
+
+def document_text(doc: Any, *, where: str) -> str:
+    """The stored text of ``doc`` as a string.
+
+    Raises:
+        DataError: the stored bytes are not valid UTF-8 (naming ``where``).
+    """
+    try:
+        return bytes(doc.text).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: stored text is not valid UTF-8 ({exc}); check the store with xtd verify") from None
+
+
+def alignment_inputs(
+    doc: Any, student_tokenizer: Any, student_ids: np.ndarray, student_spans: np.ndarray, *, mirror_bos: bool = True
+) -> AlignmentInputs:
+    """The teacher and student sides of ``doc`` with the slot labels training aligns them with.
+
+    The one place of these rules, so that ``xtd align --cache`` and on-the-fly
+    alignment in :func:`build_example` agree:
+
+    * teacher rows: chat stores carry ``token_slot`` (0 = text → −1); otherwise every
+      empty-span row is a special token (label 0);
+    * bos mirroring (``mirror_bos``): when the teacher's row 0 is a special token with an
+      empty span at byte 0 (e.g. a bos) and the student has a bos, the student gets its
+      own bos first, so the two form a (void) slot chunk as in spec/ALM.md §10.7;
+    * student specials get label 0; other teacher slot tokens (chat templates) are
+      therefore one-sided and belong to no chunk (spec §3.1 step 2).
+
+    Args:
+        doc: an ``xtd.storage.Document``.
+        student_tokenizer: the student's ``ByteTokenizer``.
+        student_ids: (S,) ids of the student's encoding of the document text.
+        student_spans: (S, 2) their byte ranges.
+        mirror_bos: prepend the student bos by the rule above (False when the ids
+            already went through this function, e.g. read from the cache).
+    """
+    t_spans = np.asarray(doc.token_spans).reshape(-1, 2)
     slots = getattr(doc, "token_slot", None)
     if slots is not None:
         slots = np.asarray(slots, dtype=np.int64)
-        return np.where(slots == 0, -1, slots)
-    return np.where(spans[:, 0] == spans[:, 1], 0, -1).astype(np.int64)
+        t_special = np.where(slots == 0, -1, slots)
+    else:
+        t_special = np.where(t_spans[:, 0] == t_spans[:, 1], 0, -1).astype(np.int64)
+    s_ids, s_spans = student_ids, student_spans
+    bos = getattr(student_tokenizer, "bos_id", None)
+    if mirror_bos and bos is not None and len(t_spans) and t_special[0] >= 0 and t_spans[0, 1] == 0:
+        s_ids = np.concatenate([[bos], s_ids]).astype(s_ids.dtype)
+        s_spans = np.concatenate([np.zeros((1, 2), s_spans.dtype), s_spans])
+    s_special = np.where(np.isin(s_ids, student_tokenizer.special_ids), 0, -1).astype(np.int64)
+    return AlignmentInputs(t_spans, t_special, s_ids, s_spans, s_special)
 
 
 def _teacher_space(doc: Any, num_t: int) -> np.ndarray:

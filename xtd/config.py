@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from xtd.errors import ConfigError
+from xtd.tokenization import BOUNDARY_CLASSES
 
 __all__ = ["ConfigBase", "flag"]
 
@@ -96,7 +97,8 @@ class ConfigBase:
 
 TRAIN_LOSSES = ("alm", "sft", "kd", "uld", "mined", "latents")
 """Loss names ``--losses`` accepts (joined with ``+``); spec/ALM.md §9 items 11–12."""
-TRAIN_BOUNDARY_CLASSES = ("space", "newline", "tab", "special")
+TRAIN_BOUNDARY_CLASSES = BOUNDARY_CLASSES
+"""Every boundary class of the teacher store can be enabled (xtd.tokenization owns the list)."""
 TRAIN_ALM_DISTANCES = (
     "binary_ce",
     "binary_kl",
@@ -107,6 +109,9 @@ TRAIN_ALM_DISTANCES = (
     "joschu_k2",
     "joschu_k3",
 )
+"""``--distance`` choices: :data:`xtd.losses.ALM_DISTANCES` without ``renyi``, whose order
+alpha the CLI does not expose. Listed here rather than imported because xtd.losses
+imports torch and this module must stay light; tests/test_losses.py checks the two agree."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,7 @@ stderr through :data:`console`.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,9 +22,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["console", "setup_logging", "progress_bar", "set_progress_enabled"]
+__all__ = ["console", "results", "setup_logging", "progress_bar", "set_progress_enabled"]
 
 console = Console(stderr=True)
+# stdout carries results only (tables, JSON). Piped into a file or a Makefile log, rich
+# would wrap tables at 80 columns and fold paths mid-word; 160 keeps rows on one line.
+results = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 _progress_enabled = True
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "DataSource",
     "RenderedText",
     "open_data",
+    "iter_jsonl",
     "render_conversation",
     "record_fingerprint_bytes",
     "text_fingerprint",
@@ -207,27 +208,14 @@ class DataSource:
             yield from _iter_parquet(path, self.text_field)
 
     def _iter_jsonl(self, path: Path) -> Iterator[tuple[Any, str]]:
-        offset = 0
-        with path.open("rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                start = offset
-                offset += len(raw)
-                if not raw.strip():
-                    continue
-                line = _decode(raw, path, start, self.errors)
-                where = f"line {line_no} of {str(path)!r}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where} is not valid JSON: {exc.msg}") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where} is a JSON {type(obj).__name__}, expected an object")
-                if self.text_field not in obj:
-                    raise DataError(
-                        f"{where} has no field {self.text_field!r}; its fields are "
-                        f"{_names(obj)}; pass --text-field"
-                    )
-                yield obj[self.text_field], where
+        for line_no, obj in iter_jsonl(path, errors=self.errors):
+            where = f"line {line_no} of {str(path)!r}"
+            if self.text_field not in obj:
+                raise DataError(
+                    f"{where} has no field {self.text_field!r}; its fields are "
+                    f"{_names(obj)}; pass --text-field"
+                )
+            yield obj[self.text_field], where
 
     def _resolve_file_field(self, text_field: str | None) -> str:
         """Check the field against the first record of each kind of file."""
@@ -246,10 +234,10 @@ class DataSource:
                     raise DataError(f"cannot read parquet file {str(path)!r}: {exc}") from None
                 return _choose_field(text_field, names, repr(str(path)))
             if path.suffix.lower() == ".jsonl":
-                first = _first_json_object(path, self.errors)
+                first = next(iter_jsonl(path, errors=self.errors), None)
                 if first is None:
                     continue
-                return _choose_field(text_field, list(first), repr(str(path)))
+                return _choose_field(text_field, list(first[1]), repr(str(path)))
         return text_field or "text"
 
 
@@ -263,6 +251,42 @@ def open_data(
 ) -> DataSource:
     """Open a data spec (see the module docstring); a shorthand for :class:`DataSource`."""
     return DataSource(spec, split=split, text_field=text_field, limit=limit, errors=errors)
+
+
+def iter_jsonl(
+    path: str | Path, *, errors: Errors = "strict", fix: str = "fix the file or pass --errors replace"
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON-lines file, one per non-blank line, with their 1-based line numbers.
+
+    The one JSONL reader of xtd: :class:`DataSource`, ``xtd align --input`` and
+    ``xtd eval --text/--task`` read through it and then check their own fields. Lines
+    are split on ``\\n`` only (a raw U+2028 inside a JSON string stays in its line).
+
+    Args:
+        path: the file (its existence is the caller's check, with the caller's flag).
+        errors: ``"strict"``: invalid UTF-8 is an error naming the byte offset;
+            ``"replace"``: it becomes U+FFFD.
+        fix: what the invalid-UTF-8 message tells the user to do.
+
+    Raises:
+        DataError: invalid UTF-8, a line that is not valid JSON, or one that is not an object.
+    """
+    path = Path(path)
+    offset = 0
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            start = offset
+            offset += len(raw)
+            if not raw.strip():
+                continue
+            where = f"line {line_no} of {str(path)!r}"
+            try:
+                obj = json.loads(_decode(raw, path, start, errors, fix=fix))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where} is not valid JSON: {exc.msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where} is a JSON {type(obj).__name__}, expected an object")
+            yield line_no, obj
 
 
 # -- conversations ---------------------------------------------------------------------
@@ -370,32 +394,15 @@ def _expand_files(spec: str) -> list[Path]:
     return paths
 
 
-def _decode(data: bytes, path: Path, base_offset: int, errors: Errors) -> str:
+def _decode(
+    data: bytes, path: Path, base_offset: int, errors: Errors, *, fix: str = "fix the file or pass --errors replace"
+) -> str:
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"{str(path)!r} is not valid UTF-8 at byte {base_offset + exc.start} "
-            f"(0x{data[exc.start]:02x}); fix the file or pass --errors replace"
+            f"{str(path)!r} is not valid UTF-8 at byte {base_offset + exc.start} (0x{data[exc.start]:02x}); {fix}"
         ) from None
-
-
-def _first_json_object(path: Path, errors: Errors) -> dict[str, Any] | None:
-    offset = 0
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            start = offset
-            offset += len(raw)
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(_decode(raw, path, start, errors))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"line {line_no} of {str(path)!r} is not valid JSON: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"line {line_no} of {str(path)!r} is a JSON {type(obj).__name__}, expected an object")
-            return obj
-    return None
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[tuple[Any, str]]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import json
 import logging
 import math
 import os
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
 
 if TYPE_CHECKING:
@@ -185,24 +185,17 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"text file {str(p)!r} does not exist; pass a .txt or .jsonl file with --text")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"text file {str(p)!r} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8") from None
     if p.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{str(p)!r} line {number} is not valid JSON: {exc.msg}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
+            if not isinstance(record.get("text"), str):
                 raise DataError(f"{str(p)!r} line {number} has no string field 'text'")
             texts.append(record["text"])
     else:
-        texts = [raw]
+        try:
+            texts = [p.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"text file {str(p)!r} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8") from None
     if not any(texts):
         raise DataError(f"text file {str(p)!r} is empty: there is no text to score")
     return texts
@@ -212,20 +205,14 @@ def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Prompt/answer pairs from a JSON-lines file (``{"prompt": ..., "answer": ...}``).
 
     Raises:
-        DataError: missing or empty file, bad JSON, a line without string fields.
+        DataError: missing or empty file, bad JSON or UTF-8, a line without string fields.
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"task file {str(p)!r} does not exist; pass a JSON-lines file with --task")
     tasks = []
-    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{str(p)!r} line {number} is not valid JSON: {exc.msg}") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
+    for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
+        if not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
             raise DataError(f"{str(p)!r} line {number} needs string fields 'prompt' and 'answer'")
         tasks.append({"prompt": record["prompt"], "answer": record["answer"]})
     if not tasks:

@@ -40,6 +40,14 @@ import torch
 import torch.distributed as dist
 
 from xtd.batching import DataSpec, StepDataset, StepPlan, alm_targets
+from xtd.checkpoint import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+    trainable_parameters,
+)
 from xtd.config import TrainConfig, flag
 from xtd.errors import ConfigError, StoreExistsError, StoreFormatError, TokenizerMismatchError
 
@@ -47,11 +55,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["train", "TrainResult", "lr_at", "check_inputs", "compute_losses", "LossSetup"]
 
-CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TOPK_LOSSES = ("kd", "uld", "mined")
-# Settings that may change between a run and its --resume without changing the maths.
-_RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device", "max_steps"}
 
 
 @dataclass
@@ -308,7 +313,7 @@ def _is_number(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Distributed context, checkpoints, metrics
+# Distributed context, metrics (checkpoints: xtd.checkpoint)
 # --------------------------------------------------------------------------------------
 
 
@@ -369,85 +374,6 @@ class _Dist:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    out: Path, step: int, root: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, counters: dict[str, Any]
-) -> Path:
-    """Write ``out/checkpoints/step-NNNNNNNN`` atomically (temp folder → rename).
-
-    Holds the trainable weights (everything else is rebuilt identically by the
-    seeded student load), the AdamW state, the RNG states, the data position (the
-    step: the data order is a pure function of it), counters and the config.
-    """
-    folder = out / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:08d}"
-    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save({k: v.detach().cpu() for k, v in _trainable(root).items()}, tmp / "trainable.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(
-        {"step": step, "scheduler": {"step": step}, "data_position": step, "rng": _rng_state(), "counters": counters},
-        tmp / "state.pt",
-    )
-    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    for path in tmp.iterdir():  # make the contents durable before the rename publishes them
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint folder in ``out`` (temp folders never count)."""
-    root = out / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    return done[-1] if done else None
-
-
-def _prune_checkpoints(out: Path, keep: int) -> None:
-    root = out / CHECKPOINT_DIR
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in done[: max(0, len(done) - max(keep, 1))]:
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(".tmp-step-*"):  # left by a killed writer
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_resume_config(saved: dict[str, Any], config: TrainConfig, where: Path) -> None:
-    now = config.to_dict()
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if changed:
-        details = ", ".join(f"{flag(k)} {saved.get(k)!r} → {now[k]!r}" for k in changed)
-        raise ConfigError(
-            f"cannot --resume from {str(where)!r}: {details} changed; use the original settings, "
-            f"or {flag('overwrite')} to start afresh"
-        )
 
 
 def _format_line(record: dict[str, Any], terms: tuple[str, ...]) -> str:
@@ -530,7 +456,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     projection = _latents_projection(names, readers, model)
     if projection is not None:
         root["latents_projection"] = projection.to(ctx.device)
-    params = list(_trainable(root).values())
+    params = list(trainable_parameters(root).values())
     if not params and config.max_steps > 0:
         raise ConfigError("the student has no trainable parameters; check --lora-rank")
 
@@ -542,16 +468,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     # 5. Resume: weights, optimizer, RNG and data position.
     start_step, counters = 0, {"tokens": 0, "documents": 0, "elapsed_s": 0.0}
     if checkpoint is not None:
-        saved = json.loads((checkpoint / "config.json").read_text())
-        _check_resume_config(saved, config, checkpoint)
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        trainable = torch.load(checkpoint / "trainable.pt", map_location=ctx.device)
-        with torch.no_grad():
-            for name, p in _trainable(root).items():
-                p.copy_(trainable[name])
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=ctx.device))
-        _set_rng_state(state["rng"])
-        start_step, counters = int(state["step"]), dict(state["counters"])
+        start_step, counters = restore_checkpoint(checkpoint, root, optimizer, config, ctx.device)
         logger.info("resuming from %s (step %d)", checkpoint, start_step)
         if ctx.main:
             _truncate_metrics(out / METRICS_FILE, start_step)
@@ -680,7 +597,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
                 progress(record)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
                 save_checkpoint(out, step + 1, root, optimizer, config, counters)
-                _prune_checkpoints(out, config.keep_checkpoints)
+                prune_checkpoints(out, config.keep_checkpoints)
         _after_step(step + 1)
         ctx.barrier()
 
@@ -688,7 +605,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     if ctx.main:
         if config.max_steps > start_step:
             save_checkpoint(out, config.max_steps, root, optimizer, config, counters)
-            _prune_checkpoints(out, config.keep_checkpoints)
+            prune_checkpoints(out, config.keep_checkpoints)
         card = {
             **config.to_dict(),  # every setting, one row each in the model card
             "store": ", ".join(config.store),

@@ -18,13 +18,13 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from xtd.cli._app import command
 from xtd.config import AlignConfig, flag
-from xtd.console import progress_bar
+from xtd.console import progress_bar, results
+from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
 
 EXAMPLES = """\
@@ -37,7 +37,7 @@ Examples:
   xtd align --cache runs/teacher --student-tokenizer embedded:gpt2
 """
 
-_out = Console(soft_wrap=True)  # stdout carries results only (STYLE.md §5)
+_out = results  # stdout: results only (STYLE.md §5)
 _CACHE_BATCH = 64  # documents encoded and aligned per vectorised call
 
 
@@ -140,17 +140,10 @@ def _tokens(enc: Any) -> list[dict[str, int]]:
 def _read_jsonl(path: Path) -> Iterator[str]:
     if not path.is_file():
         raise DataError(f"--input {str(path)!r} does not exist or is not a file")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{str(path)!r} line {lineno} is not JSON ({exc.msg}); each line must be an object with a 'text' field") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{str(path)!r} line {lineno} has no string 'text' field")
-            yield record["text"]
+    for line_no, record in iter_jsonl(path, fix="convert it to UTF-8"):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{str(path)!r} line {line_no} has no string 'text' field")
+        yield record["text"]
 
 
 def _show(tok: Any, ident: int) -> str:
@@ -242,42 +235,21 @@ def cache_alignment(url: str, config: AlignConfig) -> int:
 
 def _align_documents(docs: Sequence[Any], student: Any, *, where: str) -> list[dict[str, np.ndarray]]:
     from xtd.align import align_many
+    from xtd.batching import alignment_inputs, document_text
 
-    texts = []
-    for k, doc in enumerate(docs):
-        try:
-            texts.append(bytes(doc.text).decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: document {k} is not valid UTF-8 ({exc}); check the store with xtd verify") from None
+    texts = [document_text(doc, where=f"{where}: document {k}") for k, doc in enumerate(docs)]
     encodings = student.encode_batch(texts)
-    pairs, students = [], []
-    for doc, enc in zip(docs, encodings, strict=True):
-        t_spans = np.asarray(doc.token_spans, dtype=np.int64).reshape(-1, 2)
-        t_slot = _teacher_slots(doc, t_spans)
-        s_ids, s_spans = enc.ids.astype(np.int32), enc.spans.astype(np.int32)
-        if student.bos_id is not None and len(t_spans) and t_slot[0] >= 0 and t_spans[0, 1] == 0:
-            s_ids = np.concatenate([[student.bos_id], s_ids]).astype(np.int32)
-            s_spans = np.concatenate([np.zeros((1, 2), np.int32), s_spans])
-        s_slot = np.where(student.special_mask(s_ids), 0, -1).astype(np.int64)
-        pairs.append((t_spans, s_spans, t_slot, s_slot))
-        students.append((s_ids, s_spans))
-    out = []
-    for (s_ids, s_spans), al in zip(students, align_many(pairs), strict=True):
-        out.append(
-            {
-                "student_ids": s_ids,
-                "student_spans": s_spans,
-                "student_chunk": al.student_chunk.astype(np.int32),
-                "teacher_chunk": al.teacher_chunk.astype(np.int32),
-            }
-        )
-    return out
-
-
-def _teacher_slots(doc: Any, spans: np.ndarray) -> np.ndarray:
-    """(T,) int64 slot label per teacher row: ``token_slot`` when stored, else empty spans = 0."""
-    slots = getattr(doc, "token_slot", None)
-    if slots is not None:
-        slots = np.asarray(slots, dtype=np.int64)
-        return np.where(slots == 0, -1, slots)
-    return np.where(spans[:, 0] == spans[:, 1], 0, -1).astype(np.int64)
+    sides = [
+        alignment_inputs(doc, student, enc.ids.astype(np.int32), enc.spans.astype(np.int32))
+        for doc, enc in zip(docs, encodings, strict=True)
+    ]
+    pairs = [(x.teacher_spans, x.student_spans, x.teacher_special, x.student_special) for x in sides]
+    return [
+        {
+            "student_ids": x.student_ids,
+            "student_spans": x.student_spans,
+            "student_chunk": al.student_chunk.astype(np.int32),
+            "teacher_chunk": al.teacher_chunk.astype(np.int32),
+        }
+        for x, al in zip(sides, align_many(pairs), strict=True)
+    ]

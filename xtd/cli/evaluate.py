@@ -11,7 +11,6 @@ import math
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from xtd.cli._app import command
@@ -112,7 +111,7 @@ def eval_command(
     """Bits per byte (tokenizer-independent) and token perplexity of models on held-out text."""
     from transformers.utils import logging as hf_logging
 
-    from xtd.console import progress_bar
+    from xtd.console import progress_bar, results
     from xtd.evaluate import evaluate
 
     hf_logging.disable_progress_bar()  # our own bar is the one progress display
@@ -145,4 +144,4 @@ def eval_command(
         clean = [{k: _finite(v) for k, v in row.items()} for row in rows]
         typer.echo(json.dumps({"results": clean, "config": config.to_dict()}, indent=2))
     else:
-        Console().print(_table(rows))
+        results.print(_table(rows))

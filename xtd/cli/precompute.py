@@ -11,12 +11,12 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import TextColumn
 from rich.table import Table
 
 from xtd.cli._app import command
 from xtd.config import PrecomputeConfig
+from xtd.console import results as _out  # stdout: results only (STYLE.md §5)
 
 EXAMPLES = """\
 Examples:
@@ -29,7 +29,6 @@ Examples:
 """
 
 _D = PrecomputeConfig  # defaults come from the config class (one source of truth)
-_out = Console(soft_wrap=True)  # stdout: results only (STYLE.md §5)
 
 
 @command("precompute", epilog=EXAMPLES)

@@ -13,11 +13,11 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from xtd.cli._app import command, fail
+from xtd.console import results
 from xtd.errors import ConfigError
 
 INSPECT_EXAMPLES = """\
@@ -44,7 +44,7 @@ _STORE_ARG = Annotated[
     str, typer.Argument(help="Store folder, .zip file or fsspec URL (memory://, s3://, ...).")
 ]
 
-_out = Console(soft_wrap=True)  # stdout: results only (STYLE.md §5)
+_out = results  # stdout: results only (STYLE.md §5)
 
 
 def _fmt_bytes(n: float) -> str:

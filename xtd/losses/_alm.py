@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -40,17 +40,6 @@ LOGPROB_FLOOR = -1.0e4
 """Lowest log-probability used anywhere: e^-10000 is zero for every purpose, and a finite
 floor keeps −inf inputs (zero mass) from turning 0·∞ into NaN (spec/ALM.md §4.1)."""
 
-ALM_DISTANCES = (
-    "binary_ce",
-    "binary_kl",
-    "abs",
-    "abs_exp",
-    "reverse_binary_kl",
-    "binary_kl_temp_limit",
-    "renyi",
-    "joschu_k2",
-    "joschu_k3",
-)
 Distance = Literal[
     "binary_ce",
     "binary_kl",
@@ -62,6 +51,8 @@ Distance = Literal[
     "joschu_k2",
     "joschu_k3",
 ]
+ALM_DISTANCES: tuple[str, ...] = get_args(Distance)
+"""The ALM distances of :func:`alm_distance`, in the order of the ``Distance`` type."""
 
 _LN2 = math.log(2.0)
 _CHUNK_ELEMENTS = 1 << 23  # rows × vocab per slab in student_path: 32 MB of fp32 temporaries

@@ -26,11 +26,9 @@ from xtd.storage.format import (
     ALIGNMENT_ATTR,
     CHECKSUM_ALGORITHM,
     StoreUrl,
-    checksum,
+    file_checksums,
     list_dir,
-    list_prefix,
     open_zarr_store,
-    read_bytes,
     read_group_attrs,
     read_root_meta,
     remove_node,
@@ -147,13 +145,7 @@ def write_alignment(
             chunks=(max(1, min(len(off), 1 << 16)),),
             compressors=compressors_for("doc_token_offsets", np.dtype(np.int64)),
         )
-    files = {}
-    for key in list_prefix(store, f"{path}/"):
-        rel = key[len(path) + 1 :]
-        if rel != "zarr.json" and not rel.endswith(".partial"):
-            blob = read_bytes(store, key)
-            assert blob is not None, key
-            files[rel] = {"crc32c": checksum(blob), "bytes": len(blob)}
+    files = file_checksums(store, path)
     record = {
         "complete": True,
         "documents": count,

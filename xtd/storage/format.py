@@ -14,6 +14,7 @@ offsets into the UTF-8 bytes of one document.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -321,6 +322,39 @@ def checksum(data: bytes) -> str:
     import google_crc32c
 
     return f"{google_crc32c.value(data):08x}"
+
+
+def file_checksums(store: Store, path: str) -> dict[str, dict[str, Any]]:
+    """The checksum and size of every file of the group at ``path`` (what verify checks).
+
+    The group's own ``zarr.json`` is left out (it carries these checksums, so the caller
+    writes it afterwards), as are temporary ``.partial`` files. Files are read
+    concurrently, in one event-loop run.
+
+    Returns:
+        ``{key relative to path: {"crc32c": hex, "bytes": size}}``, in key order.
+    """
+    keys = [
+        key
+        for key in list_prefix(store, f"{path}/")
+        if (rel := key[len(path) + 1 :]) and rel != "zarr.json" and not rel.endswith((".partial", "/"))
+    ]
+    blobs = sync(_read_many(store, keys))
+    files: dict[str, dict[str, Any]] = {}
+    for key, blob in zip(keys, blobs, strict=True):
+        assert blob is not None, key  # just listed
+        files[key[len(path) + 1 :]] = {"crc32c": checksum(blob), "bytes": len(blob)}
+    return files
+
+
+async def _read_many(store: Store, keys: list[str]) -> list[bytes | None]:
+    proto = default_buffer_prototype()
+
+    async def one(key: str) -> bytes | None:
+        buf = await store.get(key, prototype=proto)
+        return None if buf is None else buf.to_bytes()
+
+    return list(await asyncio.gather(*(one(k) for k in keys)))
 
 
 def digest_text(text: str) -> str:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
@@ -47,8 +46,8 @@ from xtd.storage.format import (
     StoreUrl,
     checksum,
     digest_text,
+    file_checksums,
     list_dir,
-    list_prefix,
     open_zarr_store,
     part_name,
     read_group_attrs,
@@ -194,19 +193,7 @@ def write_arrays(
     # One event-loop run creates and fills every array concurrently: per-call overhead of
     # zarr's sync wrapper dominated small shards otherwise.
     sync(_write_arrays_async(store, path, arrays, chunk_rows))
-    keys = [
-        key
-        for key in list_prefix(store, f"{path}/")
-        if (rel := key[len(path) + 1 :])
-        and rel != "zarr.json"
-        and not rel.endswith((".partial", "/"))
-    ]
-    blobs = sync(_read_many(store, keys))
-    files: dict[str, dict[str, Any]] = {}
-    for key, blob in zip(keys, blobs, strict=True):
-        assert blob is not None, key  # just listed
-        files[key[len(path) + 1 :]] = {"crc32c": checksum(blob), "bytes": len(blob)}
-    return files
+    return file_checksums(store, path)
 
 
 async def _write_arrays_async(
@@ -240,16 +227,6 @@ async def _write_arrays_async(
             await arr.setitem(slice(None), data)
 
     await asyncio.gather(*(one(name, data) for name, data in arrays.items()))
-
-
-async def _read_many(store: Store, keys: list[str]) -> list[bytes | None]:
-    proto = default_buffer_prototype()
-
-    async def one(key: str) -> bytes | None:
-        buf = await store.get(key, prototype=proto)
-        return None if buf is None else buf.to_bytes()
-
-    return list(await asyncio.gather(*(one(k) for k in keys)))
 
 
 class StoreWriter:
