@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/table1.py --out results            # default size, ≈ 30 min on 2 idle cores
+    python experiments/table1.py --out results            # default size: 13 min on 2 idle cores (≤ 60 min)
     python experiments/table1.py --out /tmp/t1 --quick    # ≤ 5 min smoke size (runs in CI)
 
 The setting, scaled down from spec/ALM.md §8 so that methods can separate beyond
