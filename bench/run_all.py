@@ -24,7 +24,6 @@ ORDER = ["storage", "align", "losses", "precompute", "train"]
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(HERE))
     spec.loader.exec_module(module)
     return module
 
@@ -38,7 +37,9 @@ def main() -> int:
     names = [n for n in ORDER if (HERE / f"{n}.py").exists()]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    sys.path.insert(0, str(HERE))
+    # Benchmarks import their helpers either as `_common` (run from bench/) or as
+    # `bench._common` (run as `python -m bench.NAME` from the root): both must resolve.
+    sys.path[:0] = [str(HERE), str(ROOT)]
     from _common import markdown
 
     results, failures = [], []
@@ -55,8 +56,14 @@ def main() -> int:
             print(traceback.format_exc(), file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.only and (out / "bench.json").exists():
+        # A partial rerun replaces only the benchmarks it ran.
+        previous = json.loads((out / "bench.json").read_text())
+        ran = {r["name"] for r in results} | {f["name"] for f in failures}
+        results = [r for r in previous.get("results", []) if r["name"] not in ran] + results
+        results.sort(key=lambda r: ORDER.index(r["name"]) if r["name"] in ORDER else len(ORDER))
     (out / "bench.json").write_text(json.dumps({"results": results, "failures": failures}, indent=2) + "\n")
-    command = "make bench" if not args.quick else "python bench/run_all.py --quick"
+    command = "make bench" if not (args.quick or args.only) else "python bench/run_all.py " + " ".join(sys.argv[1:])
     header = f"# Benchmarks\n\nProduced by `{command}`; every target is a ratio or size measured within one run.\n\n"
     failed = "".join(f"\n**{f['name']} failed to run**\n" for f in failures)
     (out / "bench.md").write_text(header + markdown(results) + failed)
