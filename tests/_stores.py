@@ -7,6 +7,7 @@ few texts with :func:`xtd.teacher.score_texts` and writes the documents with
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,12 @@ def make_tiny_store(
 def describe(url: Path) -> dict[str, Any]:
     """The store's root attributes (for assertions)."""
     return json.loads((url / "zarr.json").read_text())["attributes"]
+
+
+def tree_digest(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes: proves a store was left untouched."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return h.hexdigest()

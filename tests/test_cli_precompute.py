@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _stores import tree_digest
 from typer.testing import CliRunner
 
 from xtd.cli import app
@@ -30,14 +30,6 @@ def _run(*args: str):  # noqa: ANN202
 def _jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     return path
-
-
-def _tree_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
-    return h.hexdigest()
 
 
 def _one_error_line(result, phrase: str) -> None:  # noqa: ANN001
@@ -84,7 +76,7 @@ def test_bad_input_is_one_line_and_leaves_committed_data(tiny_lm, tmp_path: Path
     out = tmp_path / "store"
     base = ["--teacher", str(tiny_lm), "--out", str(out)]
     assert _run(*base, "--data", str(data), "--top-k", "2").exit_code == 0
-    before = _tree_digest(out)
+    before = tree_digest(out)
 
     _one_error_line(_run("--teacher", "no-org/no-model-xtd", "--data", str(data), "--out", str(out)), "not in the Hugging Face cache")
     nofield = tmp_path / "nofield.jsonl"
@@ -99,7 +91,7 @@ def test_bad_input_is_one_line_and_leaves_committed_data(tiny_lm, tmp_path: Path
     _one_error_line(_run(*base, "--data", str(data), "--top-k", "5"), "other settings")
     _one_error_line(_run(*base, "--data", str(data), "--stride", "4096"), "--stride (4096)")
     _one_error_line(_run(*base, "--data", str(data), "--rank", "1"), "--world-size")
-    assert _tree_digest(out) == before
+    assert tree_digest(out) == before
     assert _run(*base, "--data", str(data), "--top-k", "5", "--overwrite").exit_code == 0
 
 

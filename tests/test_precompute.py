@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _stores import tree_digest
 
 from xtd.config import PrecomputeConfig
 from xtd.errors import ConfigError, DataError, StoreExistsError
@@ -47,14 +47,6 @@ def _assert_same(a: list, b: list, *, exact: bool = True) -> None:  # noqa: ANN0
                 np.testing.assert_array_equal(u, v, err_msg=name)
             else:
                 np.testing.assert_allclose(u.astype(np.float32), v.astype(np.float32), atol=1e-4, err_msg=name)
-
-
-def _tree_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture()
@@ -97,13 +89,13 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tiny_lm, data: Path, tm
     out = tmp_path / "store"
     base = {"teacher": str(tiny_lm), "data": str(data), "out": str(out), "top_k": 2}
     precompute(PrecomputeConfig(**base))
-    before = _tree_digest(out)
+    before = tree_digest(out)
     again = precompute(PrecomputeConfig(**base))
     assert again.documents_written == 0 and again.complete
     for change in ({"top_k": 3}, {"max_length": 64, "stride": 8}, {"limit": 10}, {"hidden": True}):
         with pytest.raises(StoreExistsError, match=r"other settings.*--overwrite"):
             precompute(PrecomputeConfig(**{**base, **change}))
-        assert _tree_digest(out) == before
+        assert tree_digest(out) == before
     data.write_text(data.read_text().replace("question", "answer"), encoding="utf-8")
     with pytest.raises(StoreExistsError, match=r"fingerprint"):
         precompute(PrecomputeConfig(**base))
