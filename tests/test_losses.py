@@ -4,6 +4,7 @@ prompts, partial chunks, −inf, p ≈ 1, bf16)."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -615,6 +616,11 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             {"loss": total, "grads": [p.grad for p in model.module.parameters()]},
             os.path.join(out_dir, "ddp.pt"),
         )
+    # Release DDP's reducer and wait for both ranks before tearing gloo down: a rank that
+    # destroys the group while its peer is still inside it can abort in gloo's C++ threads.
+    del model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
