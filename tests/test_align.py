@@ -281,6 +281,28 @@ def test_align_many_equals_reference_walk(seed):
         assert one.teacher_chunk.tolist() == a.teacher_chunk.tolist()
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_plain_text_batches_equal_reference_walk(seed):
+    """The slot-free path (pairs without special masks): empty tokens, offsets, truncation."""
+    rng = np.random.default_rng(1000 + seed)
+    cases, pairs = [], []
+    for _ in range(30):
+        t_lens, _, s_lens, _ = _random_case(rng)
+        t_lens, s_lens = [x for x in t_lens if x], [x for x in s_lens if x]  # drop slot tokens
+        for lens in (t_lens, s_lens):  # zero-length text tokens (e.g. an absorbed "▁")
+            for _ in range(int(rng.integers(0, 3))):
+                lens.insert(int(rng.integers(0, len(lens) + 1)), 0)
+        start = int(rng.integers(0, 50))  # windows of a longer document start anywhere
+        cases.append((t_lens, s_lens, start))
+        pairs.append((_spans(t_lens) + start, _spans(s_lens) + start))
+    for (t_lens, s_lens, start), a in zip(cases, align_many(pairs), strict=True):
+        tc, sc, cb, slot = reference_walk(t_lens, [-1] * len(t_lens), s_lens, [-1] * len(s_lens))
+        assert a.teacher_chunk.tolist() == tc.tolist()
+        assert a.student_chunk.tolist() == sc.tolist()
+        assert a.chunk_bytes.tolist() == (cb + start).tolist()
+        assert not slot.any() and not a.chunk_slot.any()
+
+
 def test_edge_cases_empty_single_and_all_special():
     empty = np.zeros((0, 2), np.int64)
     a = align(empty, empty)
