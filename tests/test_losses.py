@@ -838,12 +838,16 @@ def test_mined_loss_matches_reference():
         want = 0.0
         one_rows = {(b, s) for b, _, s in ref["one_to_one"]}
         for b, t, s in ref["one_to_one"]:
+            # Coarsened distributions: one outcome per student id mapped into the teacher's
+            # top-k, then "any other token" (teacher tail mass; student's remaining mass).
             known = dict(zip(top_i[b, t - 1].tolist(), top_v[b, t - 1].tolist(), strict=True))
-            spread = float(tail[b, t - 1]) - math.log(v_t - k)
-            tl = torch.tensor(
-                [known.get(int(m), spread) if m >= 0 else spread for m in mapping], dtype=F64
-            )
-            q_t, q_s = torch.log_softmax(tl / 2, -1), torch.log_softmax(logits[b, s - 1] / 2, -1)
+            lp_s = torch.log_softmax(logits[b, s - 1], -1)
+            inside = [v for v in range(v_s) if int(mapping[v]) in known]
+            outside = [v for v in range(v_s) if int(mapping[v]) not in known]
+            tl = [known[int(mapping[v])] for v in inside] + [float(tail[b, t - 1])]
+            sl = [float(lp_s[v]) for v in inside] + [float(torch.logsumexp(lp_s[outside], 0))]
+            q_t = torch.log_softmax(torch.tensor(tl, dtype=F64) / 2, -1)
+            q_s = torch.log_softmax(torch.tensor(sl, dtype=F64) / 2, -1)
             want += float((q_t.exp() * (q_t - q_s)).sum())
         n_ce = 0
         for b in range(ids.shape[0]):
@@ -857,6 +861,51 @@ def test_mined_loss_matches_reference():
                     n_ce += 1
         assert float(got) == pytest.approx(want, rel=1e-9, abs=1e-12)
         assert count_mined_terms(targets) == len(ref["one_to_one"]) + n_ce
+
+
+def test_mined_tail_is_one_outcome_and_gradients_stay_finite():
+    """The student's tail is free: only its total mass is matched, never a uniform spread."""
+    targets, _, _, _ = random_batch(650)
+    shape = targets.student_chunk.shape
+    gen = torch.Generator().manual_seed(0)
+    v_t, k = 12, 4
+    t_lp = torch.log_softmax(torch.randn(*targets.teacher_chunk.shape, v_t, generator=gen, dtype=F64), -1)
+    top_v, top_i = t_lp.topk(k, dim=-1)
+    tail = torch.log1p(-top_v.exp().sum(-1))
+    identity = torch.arange(v_t)
+    ids = torch.randint(0, v_t, shape, generator=gen)
+
+    def loss_of(logits):
+        logprob, _ = student_path(logits, ids, None)
+        return mined_loss(logits, logprob, targets, top_i, top_v, tail, identity,
+                          teacher_vocab_size=v_t, normalizer=1)
+
+    # A student equal to the teacher on the rows predicting 1:1 chunks, and one with the
+    # same top-k but its tail spread evenly, have the same coarsened distributions: same
+    # loss (the CE rows are untouched). A uniform-spread target would prefer the second.
+    base = torch.randn(*shape, v_t, generator=gen, dtype=F64)
+    chunks = alm_chunks(targets, merge=False)
+    sel = one_to_one_chunks(chunks).nonzero().squeeze(1)
+    assert sel.numel() > 0
+    exact, spread = base.clone(), base.clone()
+    rows_t = (chunks.teacher_first[sel] - 1).tolist()
+    rows_s = (chunks.student_first[sel] - 1).tolist()
+    for rt, rs in zip(rows_t, rows_s, strict=True):
+        full = t_lp.reshape(-1, v_t)[rt]
+        exact.reshape(-1, v_t)[rs] = full
+        even = torch.full_like(full, float(tail.reshape(-1)[rt]) - math.log(v_t - k))
+        even[top_i.reshape(-1, k)[rt]] = top_v.reshape(-1, k)[rt]
+        spread.reshape(-1, v_t)[rs] = even
+    assert float(loss_of(exact)) == pytest.approx(float(loss_of(spread)), rel=1e-9)
+    assert float(loss_of(exact)) < float(loss_of(base))
+
+    # Every student id mapped into the top-k: still finite, gradients too.
+    logits = base.clone().requires_grad_(True)
+    logprob, _ = student_path(logits, ids, None)
+    loss = mined_loss(logits, logprob, targets, top_i, top_v, tail, torch.zeros(v_t, dtype=torch.long),
+                      teacher_vocab_size=v_t, normalizer=1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
 # ---------------------------------------------------------------------------------------
