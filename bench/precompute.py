@@ -2,7 +2,7 @@
 
 Throughput (one process, one loaded teacher, the same documents and batches): the
 *bare forward* runs ``model(input_ids, attention_mask).logits`` over exactly the
-padded batches that :mod:`xtd.teacher` plans for these documents (length-sorted
+padded batches that :mod:`xtd.scoring` plans for these documents (length-sorted
 windows packed to ``--batch-tokens``), and nothing else. *Precompute* is the whole
 :func:`xtd.precompute.precompute` scoring loop — reading the data, tokenising, the
 forward pass, full-vocabulary softmax statistics, top-k, hidden states, and writing
@@ -61,7 +61,7 @@ def _documents(num_tokens: int, tokenizer: Any, max_tokens: int) -> list[str]:
 
 def _bare_forward_tokens_per_s(teacher: Any, texts: list[str], batch_tokens: int) -> float:
     """Stored tokens per second of the model's own forward over xtd's batches."""
-    from xtd.teacher import plan_batches
+    from xtd.scoring import plan_batches
 
     encs = teacher.tokenizer.encode_batch(texts, add_special_tokens=True)
     ids = [e.ids for e in encs]

@@ -306,9 +306,10 @@ def real_teacher_sizes(chunk_rows: int) -> dict[str, Any]:
     """
     try:
         from xtd.assets import embedded_teacher_dir, iter_embedded_corpus
-        from xtd.teacher import load_teacher, score_texts
+        from xtd.scoring import score_texts
+        from xtd.teacher import load_teacher
     except ImportError as exc:  # the teacher module is optional for this benchmark
-        return {"skipped": f"xtd.teacher unavailable ({exc})"}
+        return {"skipped": f"the teacher is unavailable ({exc})"}
     records = list(iter_embedded_corpus())
     picks = np.linspace(0, len(records) - 1, 8).astype(int)
     texts = [records[i]["text"][:2200] for i in picks]

@@ -71,8 +71,8 @@ def _random_llama(tokenizer: Any, folder: Path, *, hidden: int, layers: int, see
 
 
 def _write_store(url: Path, teacher: Any, texts: list[str], max_length: int) -> None:
+    from xtd.scoring import score_texts
     from xtd.storage import StoreWriter
-    from xtd.teacher import score_texts
     from xtd.tokenization import BOUNDARY_CLASSES
 
     attrs = {

@@ -1,7 +1,7 @@
 """Build small real teacher stores for the training tests.
 
 ``make_tiny_store`` runs a real teacher (a tiny random Llama folder, or SmolLM2) over a
-few texts with :func:`xtd.teacher.score_texts` and writes the documents with
+few texts with :func:`xtd.scoring.score_texts` and writes the documents with
 :class:`xtd.storage.StoreWriter`: the same two calls ``xtd precompute`` wires together.
 """
 
@@ -41,8 +41,9 @@ def make_tiny_store(
     Returns:
         The store folder.
     """
+    from xtd.scoring import score_texts
     from xtd.storage import StoreWriter
-    from xtd.teacher import load_teacher, score_texts
+    from xtd.teacher import load_teacher
 
     teacher = load_teacher(str(teacher_dir), dtype="fp32", device="cpu")
     url = tmp_path / name

@@ -12,8 +12,9 @@ from _stores import tree_digest
 from xtd.config import PrecomputeConfig
 from xtd.errors import ConfigError, DataError, StoreExistsError
 from xtd.precompute import precompute, resolve_rank
+from xtd.scoring import score_texts
 from xtd.storage import open_store
-from xtd.teacher import load_teacher, score_texts
+from xtd.teacher import load_teacher
 
 FIELDS = ("token_ids", "token_spans", "token_logprob", "boundary_logmass", "topk_ids", "topk_logprobs", "tail_logmass", "hidden", "loss_spans")
 

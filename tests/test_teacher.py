@@ -14,16 +14,8 @@ import pytest
 import torch
 
 from xtd.errors import ConfigError, ModelLoadError
-from xtd.teacher import (
-    TeacherInput,
-    TeacherSource,
-    load_teacher,
-    plan_batches,
-    plan_windows,
-    score_documents,
-    score_texts,
-    weights_digest,
-)
+from xtd.scoring import TeacherInput, plan_batches, plan_windows, score_documents, score_texts
+from xtd.teacher import TeacherSource, load_teacher, weights_digest
 from xtd.tokenization import load_tokenizer
 
 TEXTS = [

@@ -1,7 +1,7 @@
 """Stage 1: run the teacher once over a dataset and write the shard store (DESIGN.md §3–5).
 
-:func:`precompute` wires :mod:`xtd.data` (records), :mod:`xtd.teacher` (scoring) and
-:mod:`xtd.storage` (the writer). In order, so that bad input fails before any weights
+:func:`precompute` wires :mod:`xtd.data` (records), :mod:`xtd.teacher` (loading),
+:mod:`xtd.scoring` (the forward passes) and :mod:`xtd.storage` (the writer). In order, so that bad input fails before any weights
 load:
 
 1. open the data and resolve the teacher (config, tokenizer, weights digest);
@@ -15,7 +15,7 @@ load:
    stays flat whatever the dataset size).
 
 Documents are written in ``doc_index`` order, and the teacher's batches are a pure
-function of the input (see :mod:`xtd.teacher`), so rerunning an interrupted command
+function of the input (see :mod:`xtd.scoring`), so rerunning an interrupted command
 produces a store array-equal to an uninterrupted run. Ctrl-C finishes the writes in
 flight, keeps every committed shard and re-raises ``KeyboardInterrupt``.
 
@@ -308,7 +308,7 @@ def precompute(
         result,
         with_loss_spans=scan.conversations > 0,
     )
-    from xtd.teacher import score_documents
+    from xtd.scoring import score_documents
 
     background = _BackgroundWriter(writer)
     started = time.perf_counter()
@@ -380,7 +380,7 @@ def _teacher_inputs(
     data holds any conversation (``with_loss_spans``), a plain text gets one loss span
     over its whole text.
     """
-    from xtd.teacher import TeacherInput
+    from xtd.scoring import TeacherInput
 
     for record in source:
         if record.index % world_size != rank or record.is_empty:
@@ -392,7 +392,7 @@ def _teacher_inputs(
 
 
 def _render(record: Record, hf_tokenizer: Any, chat_template: str, result: PrecomputeResult) -> Any:
-    from xtd.teacher import TeacherInput
+    from xtd.scoring import TeacherInput
 
     if record.messages is None:
         text = record.text or ""
