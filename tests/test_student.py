@@ -12,15 +12,8 @@ import torch
 from torch import nn
 
 from xtd.errors import ConfigError, ModelLoadError, TokenizerError
-from xtd.student import (
-    FVT_RULES,
-    _utf8_segments,
-    find_lora_targets,
-    fvt_init,
-    load_causal_lm,
-    load_student,
-    save_student,
-)
+from xtd.fvt import FVT_RULES, _utf8_segments, fvt_init
+from xtd.student import find_lora_targets, load_causal_lm, load_student, save_student
 from xtd.tokenization import load_tokenizer
 
 
