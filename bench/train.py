@@ -111,11 +111,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         pad_examples,
     )
     from xtd.losses import last_block_parameters
+    from xtd.objective import LossSetup, combine_terms, compute_losses
     from xtd.storage import open_store
     from xtd.student import load_student
     from xtd.teacher import load_teacher
     from xtd.tokenization import load_tokenizer
-    from xtd.train import LossSetup, _combine, compute_losses
 
     torch.manual_seed(0)
     batch_texts, chars, student_len = (4, 600, 96) if quick else (8, 2000, 256)
@@ -159,7 +159,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         setup = LossSetup(names=names, student_boundary_mask=bmask)
         counts = count_normalizers(data, names, merge=True, merge_threshold=0.1)
         terms, _ = compute_losses(model, data, setup, {n: float(max(c, 1)) for n, c in counts.items()})
-        objective, _ = _combine(terms, dict.fromkeys(names, 1.0), last_block if gradmag else [], counts)
+        objective, _ = combine_terms(terms, dict.fromkeys(names, 1.0), last_block if gradmag else [], counts)
         objective.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from xtd.batching import DataSpec, StepDataset, StepPlan, alm_targets
+from xtd.batching import DataSpec, StepDataset, StepPlan
 from xtd.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,
@@ -50,13 +49,21 @@ from xtd.checkpoint import (
 )
 from xtd.config import TrainConfig, flag
 from xtd.errors import ConfigError, StoreExistsError, StoreFormatError, TokenizerMismatchError
+from xtd.objective import (
+    TOPK_LOSSES,
+    LossSetup,
+    combine_terms,
+    compute_losses,
+    latents_projection,
+    mined_setup,
+    trainable_last_block,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "TrainResult", "lr_at", "check_inputs", "compute_losses", "LossSetup"]
+__all__ = ["train", "TrainResult", "lr_at", "check_inputs"]
 
 METRICS_FILE = "metrics.jsonl"
-TOPK_LOSSES = ("kd", "uld", "mined")
 
 
 @dataclass
@@ -173,143 +180,6 @@ def _usable_cache(url: str, digest: str, config: TrainConfig) -> str | None:
         logger.warning("alignment cache %s of %s lacks %s; aligning on the fly", digest, url, sorted(needed - names))
         return None
     return digest
-
-
-# --------------------------------------------------------------------------------------
-# One micro-batch: forward pass and the loss terms
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LossSetup:
-    """Static inputs of :func:`compute_losses` (built once per run).
-
-    Attributes:
-        names: the chosen losses.
-        student_boundary_mask: (V,) bool, B_S of spec §4.1; its length is the real vocabulary.
-        tau, distance, merge, merge_threshold, debias: ALM settings (spec §4.2).
-        amp: bf16 autocast on CUDA.
-        mined_map: (V,) long student → teacher id map (``mined`` only).
-        teacher_vocab_size: V_T (``mined`` only).
-        latents_projection: H_S → H_T map when the hidden sizes differ (``latents`` only).
-    """
-
-    names: tuple[str, ...]
-    student_boundary_mask: torch.Tensor
-    tau: float = 100.0
-    distance: str = "binary_ce"
-    merge: bool = True
-    merge_threshold: float = 0.1
-    debias: bool = True
-    amp: bool = False
-    mined_map: torch.Tensor | None = None
-    teacher_vocab_size: int | None = None
-    latents_projection: torch.nn.Module | None = None
-
-
-def compute_losses(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], setup: LossSetup, normalizers: dict[str, float]
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Forward one micro-batch and return each loss term, divided by its global count.
-
-    Args:
-        model: the student (a causal LM returning ``.logits`` (B, S, V')).
-        batch: a padded micro-batch from :class:`xtd.batching.StepDataset`, on the model's device.
-        setup: which losses and their settings.
-        normalizers: global count per loss (:func:`xtd.batching.count_normalizers`, summed
-            over the step's micro-batches and all ranks).
-
-    Returns:
-        (terms, stats): 0-dim float32 tensors with gradients, and float statistics for the log.
-    """
-    from xtd import losses as L
-
-    names = setup.names
-    device_type = batch["input_ids"].device.type
-    autocast = (
-        torch.autocast(device_type, dtype=torch.bfloat16) if setup.amp and device_type == "cuda" else nullcontext()
-    )
-    with autocast:
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"].long(),
-            output_hidden_states="latents" in names,
-        )
-    logits = out.logits  # (B, S, V'); the losses compute in fp32 (spec §4.1)
-    vocab = int(setup.student_boundary_mask.numel())
-    ids = batch["input_ids"]
-    terms: dict[str, torch.Tensor] = {}
-    stats: dict[str, float] = {}
-    targets = alm_targets(batch) if any(n in names for n in ("alm", "uld", "mined", "latents")) else None
-    chunks = None
-    if any(n in names for n in ("uld", "mined", "latents")):
-        chunks = L.alm_chunks(targets, merge=False)
-    student_logprob = student_sigma = None
-    if any(n in names for n in ("alm", "sft", "mined")):
-        student_logprob, student_sigma = L.student_path(logits, ids, setup.student_boundary_mask)
-    if "alm" in names:
-        terms["alm"], alm_stats = L.alm_loss(
-            student_logprob,
-            student_sigma,
-            targets,
-            tau=setup.tau,
-            distance=setup.distance,
-            merge=setup.merge,
-            merge_threshold=setup.merge_threshold,
-            debias=setup.debias,
-            normalizer=normalizers["alm"],
-        )
-        stats.update({k: float(v) for k, v in alm_stats.items() if _is_number(v)})
-    if "sft" in names:
-        terms["sft"] = L.sft_loss(student_logprob, batch["sft_mask"], normalizer=normalizers["sft"])
-    if "kd" in names:
-        terms["kd"] = L.kd_topk_loss(
-            logits,
-            batch["teacher_topk_ids"],
-            batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"],
-            batch["sft_mask"],
-            normalizer=normalizers["kd"],
-            vocab_size=vocab,
-        )
-    if "uld" in names:
-        terms["uld"] = L.uld_loss(
-            logits,
-            targets,
-            batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"],
-            normalizer=normalizers["uld"],
-            chunks=chunks,
-            vocab_size=vocab,
-        )
-    if "mined" in names:
-        terms["mined"] = L.mined_loss(
-            logits,
-            student_logprob,
-            targets,
-            batch["teacher_topk_ids"],
-            batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"],
-            setup.mined_map,
-            teacher_vocab_size=int(setup.teacher_vocab_size or 0),
-            normalizer=normalizers["mined"],
-            chunks=chunks,
-            vocab_size=vocab,
-        )
-    if "latents" in names:
-        terms["latents"] = L.latents_loss(
-            out.hidden_states[-1],
-            batch["teacher_hidden"],
-            targets,
-            projection=setup.latents_projection,
-            normalizer=normalizers["latents"],
-            chunks=chunks,
-        )
-    return terms, stats
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -453,7 +323,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     model.train()
     # Everything trained: the student, plus a hidden-size map for latents when H_S ≠ H_T.
     root = torch.nn.ModuleDict({"student": model})
-    projection = _latents_projection(names, readers, model)
+    projection = latents_projection(names, readers, model)
     if projection is not None:
         root["latents_projection"] = projection.to(ctx.device)
     params = list(trainable_parameters(root).values())
@@ -514,9 +384,9 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         debias=config.debias,
         amp=config.amp,
         latents_projection=projection,
-        **_mined_setup(names, readers, student.tokenizer, ctx.device),
+        **mined_setup(names, readers, student.tokenizer, ctx.device),
     )
-    last_block = _last_block(model) if config.gradmag and len(names) > 1 else []
+    last_block = trainable_last_block(model) if config.gradmag and len(names) > 1 else []
     if config.gradmag and len(names) > 1 and any(w != 1.0 for w in weights.values()):
         logger.info("%s is on: fixed %s cancel out and are ignored", flag("gradmag"), flag("loss_weights"))
 
@@ -545,7 +415,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
             terms, stats = compute_losses(model, batch, setup, normalizers)
             stats_list.append(stats)
-            objective, gm = _combine(terms, weights, last_block, data["counts"][mb_index])
+            objective, gm = combine_terms(terms, weights, last_block, data["counts"][mb_index])
             gradmag_list.append(gm)
             if objective.requires_grad:
                 objective.backward()
@@ -650,64 +520,6 @@ def _reduce_stats(per_batch: list[dict[str, float]], ctx: _Dist | None) -> dict[
 
 def _after_step(step: int) -> None:
     """Hook point after every optimizer step (tests slow a run down here to kill it mid-way)."""
-
-
-def _combine(
-    terms: dict[str, torch.Tensor],
-    weights: dict[str, float],
-    last_block: list[torch.nn.Parameter],
-    counts: dict[str, int],
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The micro-batch objective: GradMag-weighted (spec §4.5) or fixed-weighted sum of terms.
-
-    A term with nothing to score in this micro-batch (local count 0) is left out: its
-    gradient is zero, and GradMag's 1/‖G‖ would otherwise swamp the other terms.
-    """
-    live = {n: t for n, t in terms.items() if t.requires_grad and counts.get(n, 1) > 0}
-    if not live:
-        return next(iter(terms.values())) * 0.0, {}
-    if last_block and len(live) > 1:
-        from xtd.losses import gradmag_weights
-
-        gm = gradmag_weights(live, last_block)
-        return sum(gm[n] * live[n] for n in live), {n: float(gm[n]) for n in live}
-    return sum(weights[n] * live[n] for n in live), {}
-
-
-def _last_block(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    from xtd.losses import last_block_parameters
-
-    return [p for p in last_block_parameters(model) if p.requires_grad]
-
-
-def _latents_projection(names: tuple[str, ...], readers: list[Any], model: torch.nn.Module) -> torch.nn.Module | None:
-    """A trained H_S → H_T linear map when ``latents`` compares hidden states of different sizes."""
-    if "latents" not in names:
-        return None
-    teacher_size = int(readers[0].hidden_size)
-    student_size = int(model.config.hidden_size)
-    if any(int(r.hidden_size) != teacher_size for r in readers):
-        raise ConfigError(f"{flag('losses')} latents needs stores of one hidden size; the --store values differ")
-    if student_size == teacher_size:
-        return None
-    from xtd.losses import make_latent_projection
-
-    return make_latent_projection(student_size, teacher_size)
-
-
-def _mined_setup(names: tuple[str, ...], readers: list[Any], student_tokenizer: Any, device: torch.device) -> dict[str, Any]:
-    """The MinED student → teacher id map (built once per run, spec §5)."""
-    if "mined" not in names:
-        return {}
-    from xtd.losses import build_mined_map
-    from xtd.tokenization import tokenizer_from_json
-
-    teachers = {r.tokenizer_json for r in readers}
-    if len(teachers) > 1:
-        raise TokenizerMismatchError(f"{flag('losses')} mined needs every --store to share one teacher tokenizer")
-    teacher = tokenizer_from_json(teachers.pop())
-    mined_map = torch.as_tensor(build_mined_map(teacher.token_bytes, student_tokenizer.token_bytes), dtype=torch.long, device=device)
-    return {"mined_map": mined_map, "teacher_vocab_size": teacher.vocab_size}
 
 
 def _seed_everything(seed: int) -> None:
