@@ -28,7 +28,6 @@ from zarr.core.sync import sync
 from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
 from xtd.storage.codecs import (
     TOPK_CODECS,
-    codec_params,
     compressors_for,
     encode_topk,
     filters_for,
@@ -45,6 +44,7 @@ from xtd.storage.format import (
     Document,
     StoreUrl,
     checksum,
+    describe_quantities,
     digest_text,
     file_checksums,
     list_dir,
@@ -74,104 +74,6 @@ def _xtd_version() -> str:
         return version("xtd")
     except Exception:  # noqa: BLE001 - not installed (source checkout): still writable
         return "0+unknown"
-
-
-def describe_quantities(
-    top_k: int, topk_codec: str, hidden_size: int | None, num_classes: int
-) -> dict[str, Any]:
-    """The ``quantities`` root attribute: what every array holds, its dtype and codec."""
-    q: dict[str, Any] = {
-        "doc_index": {
-            "holds": "position of each document in the source dataset",
-            "dtype": "int64",
-            "shape": "[D]",
-        },
-        "doc_token_offsets": {
-            "holds": "token rows of document d: offsets[d]:offsets[d+1]",
-            "dtype": "int64",
-            "shape": "[D+1]",
-        },
-        "doc_byte_offsets": {
-            "holds": "bytes of document d in text",
-            "dtype": "int64",
-            "shape": "[D+1]",
-        },
-        "text": {
-            "holds": "exact UTF-8 bytes the teacher saw",
-            "dtype": "uint8",
-            "shape": "[bytes]",
-        },
-        "token_ids": {"holds": "teacher token ids", "dtype": "int32", "shape": "[N]"},
-        "token_spans": {
-            "holds": "byte [start, end) of each token within its document; empty for special tokens",
-            "dtype": "int32",
-            "shape": "[N, 2]",
-        },
-        "token_logprob": {
-            "holds": "log p_T(t_i | t_<i); NaN where not scored",
-            "dtype": "float32",
-            "shape": "[N]",
-        },
-        "boundary_logmass": {
-            "holds": "log next-token mass of each boundary class after token i",
-            "dtype": "float16",
-            "shape": f"[N, {num_classes}]",
-        },
-        "token_slot": {
-            "holds": "chat-template slot (0 = text); chat stores only",
-            "dtype": "int8",
-            "shape": "[N]",
-        },
-        "loss_span_offsets": {
-            "holds": "loss spans of document d: offsets[d]:offsets[d+1]; chat stores only",
-            "dtype": "int64",
-            "shape": "[D+1]",
-        },
-        "loss_spans": {
-            "holds": "byte ranges trained on; chat stores only",
-            "dtype": "int64",
-            "shape": "[M, 2]",
-        },
-    }
-    if top_k > 0:
-        q["topk_ids"] = {
-            "holds": "top-k next-token ids after token i, as a set: each row's ascending "
-            "ranks in topk_id_table, stored as differences along K (docs/format.md)",
-            "dtype": "int32",
-            "shape": f"[N, {top_k}]",
-            "k": top_k,
-        }
-        q["topk_logprobs"] = {
-            "holds": "log-probs of topk_ids, in the same order"
-            + ("; q8 as topk_floor - code" if topk_codec == "q8" else ""),
-            "dtype": str(np.dtype(np.float16) if topk_codec == "fp16" else np.dtype(np.uint8)),
-            "shape": f"[N, {top_k}]",
-            "k": top_k,
-            "quantisation": codec_params(topk_codec),
-        }
-        if topk_codec == "q8":
-            q["topk_floor"] = {
-                "holds": "largest q8 code of each top-k row",
-                "dtype": "uint8",
-                "shape": "[N]",
-            }
-        q["topk_id_table"] = {
-            "holds": "per shard: its most frequent top-k ids, most frequent first",
-            "dtype": "int32",
-            "shape": "[T]",
-        }
-        q["tail_logmass"] = {
-            "holds": "log(1 - sum of the top-k probs)",
-            "dtype": "float32",
-            "shape": "[N]",
-        }
-    if hidden_size:
-        q["hidden"] = {
-            "holds": "teacher last hidden state (after the final norm)",
-            "dtype": "float16",
-            "shape": f"[N, {hidden_size}]",
-        }
-    return q
 
 
 def write_arrays(
