@@ -276,6 +276,54 @@ def test_step_items_sort_by_length_and_count_normalisers(store, tok_b_path) -> N
     assert sorted(item["documents"]) == list(range(6))
 
 
+def _pack_reference(lengths, max_texts, max_tokens):
+    """Greedy packing written out step by step: longest first, stable among equals."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # sorted() is stable
+    groups = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            padded = (len(g) + 1) * max(lengths[j] for j in g + [i])
+            if len(g) < max_texts and (max_tokens is None or padded <= max_tokens):
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pack_micro_batches_matches_reference_and_budget(seed: int) -> None:
+    from xtd.batching import pack_micro_batches
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 60, size=int(rng.integers(1, 25))).tolist()
+    max_texts = int(rng.integers(1, 10))
+    max_tokens = None if seed % 5 == 0 else int(rng.integers(10, 200))
+    groups = pack_micro_batches(lengths, max_texts, max_tokens)
+    assert groups == _pack_reference(lengths, max_texts, max_tokens)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) <= max_texts
+        padded = len(g) * max(lengths[i] for i in g)
+        assert max_tokens is None or padded <= max_tokens or len(g) == 1
+
+
+def test_token_budget_micro_batches_in_a_step(store, tok_b_path) -> None:
+    from xtd.batching import StepDataset
+    from xtd.tokenization import load_tokenizer
+
+    tok = load_tokenizer(str(tok_b_path))
+    whole = StepDataset(_spec(store, tok, micro_batch_size=6))[0]
+    packed = StepDataset(_spec(store, tok, micro_batch_size=6, micro_batch_tokens=24))[0]
+    assert len(whole["micro_batches"]) == 1 and len(packed["micro_batches"]) > 1
+    for batch in packed["micro_batches"]:
+        b, s = batch["input_ids"].shape
+        assert b * s <= 24 or b == 1
+    # Same texts, same global counts: the step's normalisers do not depend on the cut.
+    for name in ("alm", "sft"):
+        assert sum(c[name] for c in packed["counts"]) == whole["counts"][0][name]
+
+
 def test_alignment_cache_gives_the_same_examples(store, tok_b_path, tmp_path) -> None:
     import shutil
 

@@ -279,6 +279,17 @@ def test_two_gloo_ranks_give_the_single_rank_first_step_loss(tiny_store: Path, t
         assert two[key] == pytest.approx(one[key], abs=1e-5, rel=1e-5), key
 
 
+def test_token_budget_micro_batches_give_the_same_step(tiny_store: Path, tiny_lm_b: Path, tmp_path: Path) -> None:
+    # Without GradMag: its weights come from each micro-batch's own gradients, so only
+    # the loss (not the gradient) is independent of the cut when it is on.
+    kwargs = dict(losses="alm+sft", max_steps=1, batch_size=8, micro_batch_size=8, gradmag=False)
+    whole = train(_config(tiny_store, tiny_lm_b, tmp_path / "whole", **kwargs)).history[0]
+    packed = train(_config(tiny_store, tiny_lm_b, tmp_path / "packed", micro_batch_tokens=48, **kwargs)).history[0]
+    assert packed["count_alm"] == whole["count_alm"] and packed["count_sft"] == whole["count_sft"]
+    for key in ("loss", "alm", "sft", "grad_norm"):
+        assert packed[key] == pytest.approx(whole[key], abs=1e-5, rel=1e-5), key
+
+
 # ----------------------------------------------------------------------------- SmolLM2 → GPT-2 tokenizer
 
 

@@ -13,9 +13,10 @@ How a step's data is chosen (deterministic, so ``--resume`` replays the same ord
   endless sequence (fixed texts per step, not a token budget: it keeps the data
   position a pure function of the step number).
 * Rank ``r`` of ``W`` takes every W-th of those texts, sorts its texts by student
-  length (longest first) and cuts them into micro-batches of ``micro_batch_size``:
-  length bucketing within the step, each micro-batch padded to its longest
-  sequence (spec/ALM.md §9 item 9). Since the ALM and SFT losses are normalised by
+  length (longest first) and packs them into micro-batches of at most
+  ``micro_batch_size`` texts and, with ``micro_batch_tokens``, at most that many
+  padded tokens (:func:`pack_micro_batches`): length bucketing within the step, each
+  micro-batch padded to its longest sequence (spec/ALM.md §9 item 9). Since the ALM and SFT losses are normalised by
   counts over the whole global batch (spec §4.2 step 8), the split into ranks and
   micro-batches does not change the step's loss.
 
@@ -58,6 +59,7 @@ __all__ = [
     "token_loss_mask",
     "truncate_example",
     "pad_examples",
+    "pack_micro_batches",
 ]
 
 
@@ -283,7 +285,9 @@ class DataSpec:
         stores: store URLs, in ``--store`` order.
         student_tokenizer: the student's ByteTokenizer.
         plan: the step plan.
-        micro_batch_size: texts per micro-batch.
+        micro_batch_size: at most this many texts per micro-batch.
+        micro_batch_tokens: at most this many padded student tokens per micro-batch
+            (None: no token budget); a text longer than the budget forms one alone.
         max_student_length, max_teacher_length: truncation limits.
         boundary_classes: enabled classes (names) of the teacher σ and student mask.
         alm_chunks: ``unconstrained`` or ``space``.
@@ -301,6 +305,7 @@ class DataSpec:
     max_student_length: int
     max_teacher_length: int | None
     boundary_classes: tuple[str, ...]
+    micro_batch_tokens: int | None = None
     alm_chunks: str = "unconstrained"
     merge: bool = True
     merge_threshold: float = 0.1
@@ -375,12 +380,11 @@ class StepDataset(torch.utils.data.Dataset):
         spec = self.spec
         indices = spec.plan.rank_indices(int(step))
         examples = [self.example(int(i)) for i in indices]
-        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+        lengths = [len(e["input_ids"]) for e in examples]
         micro_batches, counts = [], []
         pad_id = _pad_id(spec.student_tokenizer)
-        for start in range(0, len(order), spec.micro_batch_size):
-            chosen = [examples[i] for i in order[start : start + spec.micro_batch_size]]
-            batch = pad_examples(chosen, pad_id=pad_id)
+        for group in pack_micro_batches(lengths, spec.micro_batch_size, spec.micro_batch_tokens):
+            batch = pad_examples([examples[i] for i in group], pad_id=pad_id)
             micro_batches.append(batch)
             counts.append(
                 count_normalizers(batch, spec.losses, merge=spec.merge, merge_threshold=spec.merge_threshold)
@@ -412,6 +416,33 @@ class StepDataset(torch.utils.data.Dataset):
             cached=cache[doc_no] if cache is not None else None,
             where=f"document {doc_no} of store {spec.stores[store_no]!r}",
         )
+
+
+def pack_micro_batches(lengths: Sequence[int], max_texts: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Cut a step's texts into micro-batches: longest first, each padded to its first text.
+
+    A micro-batch takes the next text while it holds fewer than ``max_texts`` and, with
+    a token budget, while ``(texts + 1) × its longest length ≤ max_tokens``; a text
+    longer than the budget is a micro-batch of its own. Lengths bucket together, so
+    padding stays small; the step's loss does not depend on the cut (global counts).
+
+    Returns:
+        Lists of indices into ``lengths``, every index exactly once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        fits = (
+            group is not None
+            and len(group) < max_texts
+            and (max_tokens is None or (len(group) + 1) * lengths[group[0]] <= max_tokens)
+        )
+        if fits:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _pad_id(tokenizer: Any) -> int:

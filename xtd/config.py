@@ -139,7 +139,8 @@ class TrainConfig(ConfigBase):
     loss_weights: str = ""
     """Fixed weights, e.g. ``alm=1,sft=0.5`` (unnamed losses weigh 1; GradMag makes fixed weights cancel)."""
     gradmag: bool = True
-    """Weight each loss by the inverse norm of its gradient on the last block (spec §4.5)."""
+    """Weight each loss by the inverse norm of its gradient on the last block (spec §4.5),
+    per micro-batch (so with accumulation the step's gradient depends on the cut)."""
     alm_chunks: str = "unconstrained"
     """ALM chunk kind: ``unconstrained`` (greedy chunks, merged in the loss) or ``space`` (spec §3.2)."""
     merge: bool = True
@@ -176,6 +177,10 @@ class TrainConfig(ConfigBase):
     """Texts per optimizer step, over all ranks."""
     micro_batch_size: int | None = None
     """Texts per forward pass (gradient accumulation); default: all of a rank's texts at once."""
+    micro_batch_tokens: int | None = None
+    """Padded student tokens per forward pass: texts are packed, longest first, into
+    micro-batches of at most this many (a longer text goes alone); combines with
+    --micro-batch-size. Default: no token budget."""
     max_student_length: int = 512
     """Student tokens per text; longer documents are truncated (teacher rows cut at the same bytes)."""
     max_teacher_length: int | None = None
@@ -235,7 +240,7 @@ class TrainConfig(ConfigBase):
         for name in ("batch_size", "max_student_length", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag(name)} ({getattr(self, name)}) must be ≥ 1")
-        for name in ("micro_batch_size", "max_teacher_length"):
+        for name in ("micro_batch_size", "micro_batch_tokens", "max_teacher_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{flag(name)} ({value}) must be ≥ 1")

@@ -355,6 +355,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         student_tokenizer=student.tokenizer,
         plan=plan,
         micro_batch_size=min(config.micro_batch_size or local_texts, local_texts),
+        micro_batch_tokens=config.micro_batch_tokens,
         max_student_length=config.max_student_length,
         max_teacher_length=config.max_teacher_length,
         boundary_classes=tuple(config.boundary_classes),

@@ -71,6 +71,10 @@ def train_command(
     micro_batch_size: Annotated[
         int | None, typer.Option(help="Texts per forward pass (accumulation); default: all at once.")
     ] = _default("micro_batch_size"),
+    micro_batch_tokens: Annotated[
+        int | None,
+        typer.Option(help="Padded student tokens per forward pass: texts packed longest first (bounds memory)."),
+    ] = _default("micro_batch_tokens"),
     max_student_length: Annotated[int, typer.Option(help="Student tokens per text (longer: truncated).")] = _default(
         "max_student_length"
     ),
@@ -128,6 +132,7 @@ def train_command(
         schedule=schedule,
         batch_size=batch_size,
         micro_batch_size=micro_batch_size,
+        micro_batch_tokens=micro_batch_tokens,
         max_student_length=max_student_length,
         max_teacher_length=max_teacher_length,
         max_grad_norm=max_grad_norm,
