@@ -154,7 +154,9 @@ def test_sigkill_then_same_command_equals_uninterrupted_run(tiny_lm, tmp_path: P
 
 @pytest.mark.slow
 def test_sigint_exits_130_with_message(tiny_lm, tmp_path: Path) -> None:  # noqa: ANN001
-    texts = ["lorem ipsum dolor sit amet " * 8] * 200
+    # Far more text than the run gets through before the signal (it stops at the first
+    # commit), so the interrupt always lands mid-run.
+    texts = ["lorem ipsum dolor sit amet " * 8] * 2000
     data = _jsonl(tmp_path / "d.jsonl", texts)
     out = tmp_path / "store"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -169,6 +171,7 @@ def test_sigint_exits_130_with_message(tiny_lm, tmp_path: Path) -> None:  # noqa
     deadline = time.monotonic() + 240
     while _committed(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the test could interrupt it"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

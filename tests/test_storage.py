@@ -358,6 +358,35 @@ def test_resume_after_close_incomplete_matches_uninterrupted(tmp_path):
         assert_same_doc(resumed[i], full[i])
 
 
+def test_writer_touches_the_root_only_when_creating_the_store(tmp_path, monkeypatch):
+    """zarr's temporary files beside parent zarr.json files stay inside each new shard.
+
+    A writer killed while zarr held such a file at the root would leave it there for
+    good (resume cleans only uncommitted shards and parts); so after creating the root,
+    the writer must never have zarr write next to it again.
+    """
+    import contextlib
+
+    import zarr.storage._local as local
+
+    touched: list[Path] = []
+    atomic_write = local._atomic_write
+
+    @contextlib.contextmanager
+    def spy(path, mode, exclusive=False):
+        touched.append(Path(path))
+        with atomic_write(path, mode, exclusive) as fh:
+            yield fh
+
+    monkeypatch.setattr(local, "_atomic_write", spy)
+    url = tmp_path / "store"
+    write_store(url, make_docs(5, 40), shard_tokens=100)
+    assert open_store(url).num_shards > 3
+    assert [p for p in touched if p.parent == url] == [url / "zarr.json"]
+    part = url / "part-00000"
+    assert {p.name for p in touched if p.parent == part} == {"zarr.json"}  # the part's commits
+
+
 def _writer_main(url: str, count: int, shard_tokens: int) -> None:
     """Subprocess body of the SIGKILL test: write ``count`` documents, slowly."""
     docs = make_docs(21, count)

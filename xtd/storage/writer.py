@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -94,8 +95,25 @@ def write_arrays(
     """
     # One event-loop run creates and fills every array concurrently: per-call overhead of
     # zarr's sync wrapper dominated small shards otherwise.
-    sync(_write_arrays_async(store, path, arrays, chunk_rows))
+    sync(_write_arrays_async(*_array_home(store, path), arrays, chunk_rows))
     return file_checksums(store, path)
+
+
+def _array_home(store: Store, path: str) -> tuple[Store, str]:
+    """The store and prefix to create the arrays of group ``path`` in.
+
+    zarr's ``create_array`` writes a default ``zarr.json`` into every missing parent
+    group, and on a local folder even an existing parent gets a temporary
+    ``zarr.<hex>.partial`` file beside its ``zarr.json`` for a moment. A writer killed in
+    that moment would leave the file at the store root, outside every shard. A store
+    rooted at the shard's own folder keeps all of that inside the (not yet committed)
+    shard, which a resumed writer removes as an orphan.
+    """
+    from zarr.storage import LocalStore
+
+    if isinstance(store, LocalStore):
+        return LocalStore(Path(store.root) / path), ""
+    return store, path
 
 
 async def _write_arrays_async(
@@ -115,7 +133,7 @@ async def _write_arrays_async(
             shards = (-(-rows // inner) * inner, *tail)
         arr = await create_array(
             store,
-            name=f"{path}/{name}",
+            name=f"{path}/{name}" if path else name,
             shape=data.shape,
             dtype=data.dtype,
             chunks=chunks,
