@@ -21,6 +21,8 @@ seed noise on a laptop CPU:
    same initialisation, data order, steps and texts per step, full fine-tuning,
    ``seeds`` seeds each:
    SFT, ULD (+CE), MinED, ALM, ALM+SFT, and ALM without debiasing (the ablation).
+   A text is one passage truncated at the student length (``long_documents=
+   "truncate"``), so every method sees the same fixed-length windows per step.
 4. **Metric.** Bits per byte on held-out text (the last documents of the embedded
    corpus, which no training passage comes from), tokenizer-independent.
 
@@ -190,7 +192,8 @@ def run(size: Size, out: Path) -> dict:
     teacher = work / "teacher"
     train(TrainConfig(store=(str(text_store),), student=str(init), out=str(teacher), losses="sft",
                       gradmag=False, lora_rank=0, lr=size.teacher_lr, max_steps=size.teacher_steps,
-                      batch_size=32, max_student_length=256, checkpoint_every=0, overwrite=True, seed=0))
+                      batch_size=32, max_student_length=256, long_documents="truncate", checkpoint_every=0,
+                      overwrite=True, seed=0))
     teacher_bpb = held_out_bpb(teacher, held_out)
     console.print(f"[bold]teacher[/]: {teacher_bpb:.4f} bits/byte on held-out text")
 
@@ -216,7 +219,7 @@ def run(size: Size, out: Path) -> dict:
                     store=(str(store),), student=str(teacher), tokenizer=tokenizer, out=str(run_dir),
                     lora_rank=0, lr=size.student_lr, max_steps=steps,
                     warmup_steps=steps // 10, batch_size=batch_size,
-                    max_student_length=length, checkpoint_every=0, overwrite=True, seed=seed,
+                    max_student_length=length, long_documents="truncate", checkpoint_every=0, overwrite=True, seed=seed,
                     **METHODS[method],
                 ))
                 bpb = held_out_bpb(run_dir, held_out)

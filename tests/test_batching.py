@@ -3,6 +3,7 @@ the step plan, and the store → micro-batch path on a tiny real store."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -193,6 +194,29 @@ def test_step_plan_rejects_bad_sizes() -> None:
         StepPlan((5,), batch_size=3, world_size=2)
 
 
+# ----------------------------------------------------------------------------- long documents → pieces
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 7, 50])
+def test_pieces_cover_every_row_once_and_keep_short_documents_whole(max_rows: int) -> None:
+    from xtd.batching import Pieces
+
+    rows = [0, 1, 5, 7, 8, 23, 50, 51]
+    pieces = Pieces.of(rows, max_rows)
+    covered: dict[int, list[tuple[int, int]]] = {d: [] for d in range(len(rows))}
+    for p in range(len(pieces)):
+        d, lo, hi, whole = pieces.locate(p)
+        covered[d].append((lo, hi))
+        assert whole == (rows[d] <= max_rows)
+        assert hi - lo <= max_rows or rows[d] == 0
+    for d, ranges in covered.items():
+        assert ranges[0][0] == 0 and ranges[-1][1] == rows[d]  # from the first row to the last
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous
+        sizes = [hi - lo for lo, hi in ranges]
+        assert max(sizes) - min(sizes) <= 1  # as equal as rows allow
+        assert len(ranges) == max(1, -(-rows[d] // max_rows))
+
+
 # ----------------------------------------------------------------------------- store → micro-batches
 
 
@@ -363,3 +387,68 @@ def test_dataloader_workers_give_the_same_steps(store, tok_b_path) -> None:
         for bx, by in zip(x["micro_batches"], y["micro_batches"], strict=True):
             for key in bx:
                 assert torch.equal(bx[key], by[key]), key
+
+
+def test_long_documents_become_pieces_that_tile_them(store, tok_b_path) -> None:
+    """Every piece is a text of its own: together they cover the document's rows and bytes once."""
+    from xtd.batching import Pieces, StepDataset, estimate_piece_rows, read_piece
+    from xtd.storage import open_store
+    from xtd.tokenization import load_tokenizer
+
+    tok = load_tokenizer(str(tok_b_path))
+    reader = open_store(store)
+    assert 5 < estimate_piece_rows([reader], tok, 16) < 40  # both tokenizers are small BPEs
+    pieces = Pieces.of(reader.doc_num_tokens(), 6)
+    assert len(pieces) > len(reader)
+    plan = StepPlan((len(pieces),), batch_size=6, seed=1)
+    data = StepDataset(_spec(store, tok, plan=plan, max_student_length=64, pieces=(pieces,)))
+    by_doc: dict[int, list[int]] = {}
+    for p in range(len(pieces)):
+        by_doc.setdefault(pieces.locate(p)[0], []).append(p)
+    for d, ps in by_doc.items():
+        doc = reader[d]
+        parts = [read_piece(reader, d, *pieces.locate(p)[1:3], doc.num_tokens) for p in ps]
+        starts = [0]
+        for part in parts[:-1]:
+            starts.append(starts[-1] + part.num_tokens)
+        assert b"".join(part.text for part in parts) == doc.text
+        np.testing.assert_array_equal(np.concatenate([part.token_ids for part in parts]), doc.token_ids)
+        for p, part in zip(ps, parts, strict=True):
+            ex = data.example(p)
+            assert len(ex["teacher_logprob"]) == part.num_tokens  # no truncation at 64 tokens
+            s_spans = tok.encode(part.text.decode()).spans
+            assert len(ex["input_ids"]) == len(s_spans)
+            for c in set(ex["teacher_chunk"].tolist()) - {-1}:  # chunks cover equal bytes
+                t_rows = np.flatnonzero(ex["teacher_chunk"] == c)
+                s_rows = np.flatnonzero(ex["student_chunk"] == c)
+                t_bytes = (part.token_spans[t_rows].min(), part.token_spans[t_rows].max())
+                assert t_bytes == (s_spans[s_rows].min(), s_spans[s_rows].max())
+            assert not ex["teacher_scored"][:1].any() and not ex["student_scored"][:1].any()
+            # stored teacher log-probs keep the whole document's context
+            lo = starts[ps.index(p)]
+            t_lp = np.asarray(doc.token_logprob[lo : lo + part.num_tokens])
+            scored = ex["teacher_scored"]
+            np.testing.assert_array_equal(ex["teacher_logprob"][scored], np.minimum(t_lp[scored], 0))
+
+
+def test_document_piece_shifts_spans_and_clips_loss_spans() -> None:
+    from xtd.batching import document_piece
+    from xtd.storage import Document
+
+    text = b"hello brave new world"
+    spans = np.array([[0, 0], [0, 5], [5, 11], [11, 15], [15, 21]], dtype=np.int32)
+    doc = Document(
+        text=text,
+        token_ids=np.arange(5, dtype=np.int32),
+        token_spans=spans,
+        token_logprob=np.zeros(5, np.float32),
+        boundary_logmass=np.zeros((5, 4), np.float16),
+        loss_spans=np.array([[3, 8], [16, 21]], dtype=np.int64),
+        doc_index=3,
+    )
+    window = dataclasses.replace(doc, token_ids=doc.token_ids[2:4], token_spans=spans[2:4],
+                                 token_logprob=doc.token_logprob[2:4], boundary_logmass=doc.boundary_logmass[2:4])
+    piece = document_piece(window)
+    assert piece.text == b" brave new" and piece.token_spans.tolist() == [[0, 6], [6, 10]]
+    assert piece.loss_spans.tolist() == [[0, 3]] and piece.doc_index == 3
+

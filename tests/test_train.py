@@ -77,6 +77,8 @@ def test_config_defaults_follow_the_spec() -> None:
         ({"micro_batch_size": 8, "batch_size": 4}, "--micro-batch-size (8) must not exceed --batch-size (4)"),
         ({"resume": True, "overwrite": True}, "exclude each other"),
         ({"schedule": "step"}, "--schedule must be linear or cosine"),
+        ({"long_documents": "drop"}, "--long-documents must be split or truncate"),
+        ({"micro_batch_tokens": 0}, "--micro-batch-tokens (0)"),
         ({"lora_rank": -1}, "--lora-rank (-1)"),
     ],
 )
@@ -172,8 +174,12 @@ def _config(store: Path, student: Path, out: Path, **kwargs) -> TrainConfig:
 
 
 def test_training_lowers_the_alm_loss(tiny_store: Path, tiny_lm_b: Path, tmp_path: Path) -> None:
-    # Cross-tokenizer: tok_a teacher, tok_b student; every step sees all 8 texts.
-    config = _config(tiny_store, tiny_lm_b, tmp_path / "run", losses="alm", max_steps=20, batch_size=8, lr=1e-2)
+    # Cross-tokenizer: tok_a teacher, tok_b student; every step sees all 8 texts (whole:
+    # truncated, not split, so that the steps' losses compare).
+    config = _config(
+        tiny_store, tiny_lm_b, tmp_path / "run", losses="alm", max_steps=20, batch_size=8, lr=1e-2,
+        long_documents="truncate",
+    )
     result = train(config)
     alm = [r["alm"] for r in result.history]
     assert len(alm) == 20 and all(math.isfinite(v) for v in alm)
@@ -288,6 +294,17 @@ def test_token_budget_micro_batches_give_the_same_step(tiny_store: Path, tiny_lm
     assert packed["count_alm"] == whole["count_alm"] and packed["count_sft"] == whole["count_sft"]
     for key in ("loss", "alm", "sft", "grad_norm"):
         assert packed[key] == pytest.approx(whole[key], abs=1e-5, rel=1e-5), key
+
+
+def test_long_documents_are_split_into_more_texts(tiny_store: Path, tiny_lm_b: Path, tmp_path: Path) -> None:
+    # At 8 student tokens per text most of the 8 texts are too long: split makes pieces
+    # (more texts per epoch), truncate keeps one text per document.
+    kwargs = dict(losses="alm+sft", max_steps=2, batch_size=4, micro_batch_size=4, max_student_length=8)
+    split = train(_config(tiny_store, tiny_lm_b, tmp_path / "split", **kwargs)).history
+    cut = train(_config(tiny_store, tiny_lm_b, tmp_path / "cut", long_documents="truncate", **kwargs)).history
+    assert cut[-1]["epoch"] == pytest.approx(1.0)  # 2 steps × 4 texts = the 8 documents
+    assert split[-1]["epoch"] < 0.7  # the same 8 texts are a part of the pieces
+    assert all(math.isfinite(r["loss"]) for r in split)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 → GPT-2 tokenizer

@@ -20,10 +20,17 @@ How a step's data is chosen (deterministic, so ``--resume`` replays the same ord
   counts over the whole global batch (spec §4.2 step 8), the split into ranks and
   micro-batches does not change the step's loss.
 
-Long documents are **truncated**, not cut into pieces (spec §3.4): the student keeps
-its first ``max_student_length`` tokens, and the teacher keeps the rows that end
-within the bytes those tokens cover (at most ``max_teacher_length``). The alignment
-stops at the first exhausted side, so a straddling token never gets a chunk.
+Long documents are **cut into pieces** (``long_documents="split"``, the default): a
+document whose teacher rows exceed what ``max_student_length`` student tokens cover
+(:func:`estimate_piece_rows`) becomes ``n`` pieces of equal teacher-row counts, each a
+training text of its own (:class:`Pieces`): its bytes are those of its teacher rows, the
+student tokenises just those bytes, and the teacher rows keep the log-probs stored with
+the whole document's context. The index space above is then one of pieces. Whatever
+still exceeds the limits is **truncated** (spec §3.4; ``long_documents="truncate"``
+truncates whole documents): the student keeps its first ``max_student_length`` tokens,
+and the teacher keeps the rows that end within the bytes those tokens cover (at most
+``max_teacher_length``). The alignment stops at the first exhausted side, so a
+straddling token never gets a chunk.
 
 Tokenisation and alignment run inside :class:`StepDataset`, which a
 ``torch.utils.data.DataLoader`` (``batch_size=None``, ``num_workers`` ≥ 0) calls
@@ -33,6 +40,7 @@ documents of the steps it prepares, so memory stays bounded whatever the store s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -60,6 +68,10 @@ __all__ = [
     "truncate_example",
     "pad_examples",
     "pack_micro_batches",
+    "Pieces",
+    "estimate_piece_rows",
+    "document_piece",
+    "read_piece",
 ]
 
 
@@ -296,6 +308,9 @@ class DataSpec:
             which data-only counts (normalisers) each micro-batch reports.
         alignment_cache: per store, the digest of an ``xtd align --cache`` group to read
             student tokens and chunk ids from (None: tokenise and align on the fly).
+            Pieces of split documents are always tokenised and aligned on the fly.
+        pieces: per store, its documents cut into training texts (:class:`Pieces`), or
+            None: one text per document (the plan's index space is then documents).
     """
 
     stores: tuple[str, ...]
@@ -311,6 +326,7 @@ class DataSpec:
     merge_threshold: float = 0.1
     losses: tuple[str, ...] = ("alm", "sft")
     alignment_cache: tuple[str | None, ...] = ()
+    pieces: tuple[Pieces, ...] | None = None
 
     @property
     def need_topk(self) -> bool:
@@ -398,12 +414,26 @@ class StepDataset(torch.utils.data.Dataset):
         }
 
     def example(self, index: int) -> dict[str, np.ndarray]:
-        """The training example of global document ``index`` (numpy arrays, unpadded)."""
+        """The training example of global text ``index`` (numpy arrays, unpadded).
+
+        A text is a document, or a piece of one when ``spec.pieces`` is set.
+        """
         spec = self.spec
-        store_no, doc_no = spec.plan.locate(index)
+        store_no, unit = spec.plan.locate(index)
         reader = self._stores()[store_no]
-        doc = reader[doc_no]
         cache = self._caches[store_no] if self._caches else None
+        if spec.pieces is None:
+            doc_no, lo, hi, whole = unit, 0, 0, True
+        else:
+            doc_no, lo, hi, whole = spec.pieces[store_no].locate(unit)
+        if whole:
+            doc = reader[doc_no]
+            cached = cache[doc_no] if cache is not None else None
+            where = f"document {doc_no} of store {spec.stores[store_no]!r}"
+        else:
+            doc = read_piece(reader, doc_no, lo, hi, int(spec.pieces[store_no].num_rows[doc_no]))
+            cached = None  # the cache aligns whole documents
+            where = f"rows {lo}-{hi} of document {doc_no} of store {spec.stores[store_no]!r}"
         return build_example(
             doc,
             spec.student_tokenizer,
@@ -413,8 +443,8 @@ class StepDataset(torch.utils.data.Dataset):
             alm_chunks=spec.alm_chunks,
             need_topk=spec.need_topk,
             need_hidden=spec.need_hidden,
-            cached=cache[doc_no] if cache is not None else None,
-            where=f"document {doc_no} of store {spec.stores[store_no]!r}",
+            cached=cached,
+            where=where,
         )
 
 
@@ -443,6 +473,128 @@ def pack_micro_batches(lengths: Sequence[int], max_texts: int, max_tokens: int |
         else:
             groups.append([i])
     return groups
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """The training texts of one store: each document whole, or cut into pieces.
+
+    A document of ``N`` teacher rows becomes ``n = ceil(N / max_rows)`` pieces (at least
+    one); piece ``k`` is rows ``[k·N // n, (k+1)·N // n)``, so the pieces of a document
+    are as equal as rows allow and a document of at most ``max_rows`` rows stays whole.
+
+    Attributes:
+        max_rows: teacher rows that fit one training text.
+        num_rows: (D,) int64 teacher rows of each document.
+        offsets: (D + 1,) int64 index of each document's first piece.
+    """
+
+    max_rows: int
+    num_rows: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def of(cls, num_rows: Sequence[int] | np.ndarray, max_rows: int) -> Pieces:
+        """Pieces of documents with ``num_rows`` teacher rows each."""
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be ≥ 1, got {max_rows}")
+        rows = np.asarray(num_rows, dtype=np.int64)
+        counts = np.maximum(1, -(-rows // max_rows))
+        return cls(max_rows, rows, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, piece: int) -> tuple[int, int, int, bool]:
+        """(document, first row, stop row, whether the piece is the whole document)."""
+        d = int(np.searchsorted(self.offsets, piece, side="right")) - 1
+        n = int(self.offsets[d + 1] - self.offsets[d])
+        k = int(piece) - int(self.offsets[d])
+        total = int(self.num_rows[d])
+        return d, k * total // n, (k + 1) * total // n, n == 1
+
+
+def document_piece(window: Any) -> Any:
+    """A document window (:meth:`StoreReader.read_window`) as a document of its own.
+
+    Its text is the bytes its teacher rows cover; spans and loss spans are shifted to
+    that text. Teacher quantities keep the values stored with the whole document's
+    context.
+    """
+    spans = np.asarray(window.token_spans)
+    if not len(spans):
+        return dataclasses.replace(window, text=b"", loss_spans=None)
+    b0, b1 = int(spans[0, 0]), int(spans[-1, 1])
+    loss_spans = getattr(window, "loss_spans", None)
+    if loss_spans is not None:
+        ls = np.clip(np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2), b0, b1)
+        loss_spans = ls[ls[:, 1] > ls[:, 0]] - b0
+    return dataclasses.replace(window, text=bytes(window.text[b0:b1]), token_spans=spans - b0, loss_spans=loss_spans)
+
+
+_ROW_FIELDS = (
+    "token_ids",
+    "token_spans",
+    "token_logprob",
+    "boundary_logmass",
+    "topk_ids",
+    "topk_logprobs",
+    "tail_logmass",
+    "hidden",
+    "token_slot",
+)
+_SNAP_ROWS = 8  # a UTF-8 character spans at most 4 byte tokens
+
+
+def read_piece(reader: Any, doc: int, lo: int, hi: int, num_rows: int) -> Any:
+    """Rows ``[lo, hi)`` of document ``doc`` as a document of its own (:func:`document_piece`).
+
+    Byte-level tokens can split a UTF-8 character, so each cut moves forward to the
+    first row that starts a character (at most a few rows on). Both pieces at a cut move
+    it the same way, so the pieces of a document still tile it.
+    """
+    window = reader.read_window(doc, lo, min(hi + _SNAP_ROWS, num_rows))
+    text = bytes(window.text)
+    starts = np.asarray(window.token_spans)[:, 0]
+
+    def snap(i: int) -> int:  # i: row within the window
+        if lo + i >= num_rows:
+            return num_rows - lo
+        for j in range(i, min(i + _SNAP_ROWS, len(starts))):
+            b = int(starts[j])
+            if b >= len(text) or text[b] & 0xC0 != 0x80:
+                return j
+        return min(i + _SNAP_ROWS, num_rows - lo)
+
+    a = snap(0) if lo > 0 else 0
+    b = snap(hi - lo)
+    rows = {
+        name: getattr(window, name)[a:b] for name in _ROW_FIELDS if getattr(window, name, None) is not None
+    }
+    return document_piece(dataclasses.replace(window, **rows))
+
+
+def estimate_piece_rows(
+    readers: Sequence[Any], student_tokenizer: Any, max_student_length: int, *, sample: int = 64, window: int = 4096
+) -> int:
+    """Teacher rows that ``max_student_length`` student tokens cover, on average.
+
+    Measured on up to ``sample`` documents per store, spread evenly over it (their first
+    ``window`` rows): the ratio of teacher rows to student tokens of the same bytes. A
+    pure function of the stores and the tokenizer, so every rank and a resumed run
+    agree.
+    """
+    rows = tokens = 0
+    for reader in readers:
+        n = len(reader)
+        for d in np.unique(np.linspace(0, n - 1, num=min(n, sample)).astype(np.int64)).tolist():
+            piece = document_piece(reader.read_window(int(d), 0, window))
+            text = bytes(piece.text).decode("utf-8", errors="replace")
+            if text:
+                rows += piece.num_tokens
+                tokens += len(student_tokenizer.encode(text).ids)
+    ratio = rows / tokens if tokens else 1.0
+    return max(1, int(max_student_length * ratio))
 
 
 def _pad_id(tokenizer: Any) -> int:

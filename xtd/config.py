@@ -182,7 +182,10 @@ class TrainConfig(ConfigBase):
     micro-batches of at most this many (a longer text goes alone); combines with
     --micro-batch-size. Default: no token budget."""
     max_student_length: int = 512
-    """Student tokens per text; longer documents are truncated (teacher rows cut at the same bytes)."""
+    """Student tokens per text; longer texts are truncated (teacher rows cut at the same bytes)."""
+    long_documents: str = "split"
+    """Documents longer than --max-student-length tokens: ``split`` into pieces of equal
+    teacher rows, each a text of its own, or ``truncate`` (only their start is trained on)."""
     max_teacher_length: int | None = None
     """Teacher rows per text (default: all stored rows that the student's bytes reach)."""
     max_grad_norm: float = 1.0
@@ -232,6 +235,8 @@ class TrainConfig(ConfigBase):
             problems.append(f"{flag('merge_threshold')} ({self.merge_threshold}) must be in [0, 1)")
         if self.tau <= 0:
             problems.append(f"{flag('tau')} ({self.tau}) must be positive")
+        if self.long_documents not in ("split", "truncate"):
+            problems.append(f"{flag('long_documents')} must be split or truncate, not {self.long_documents!r}")
         if self.schedule not in ("linear", "cosine"):
             problems.append(f"{flag('schedule')} must be linear or cosine, not {self.schedule!r}")
         for name in ("lora_rank", "max_steps", "num_workers", "checkpoint_every", "keep_checkpoints"):

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from xtd.batching import DataSpec, StepDataset, StepPlan
+from xtd.batching import DataSpec, Pieces, StepDataset, StepPlan, estimate_piece_rows
 from xtd.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,
@@ -346,8 +346,13 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         logger.info("no checkpoint in %s; starting from step 0", out)
 
     # 6. Data: this rank's micro-batches of each step, prepared in DataLoader workers.
+    pieces = _pieces(config, readers, student.tokenizer)
     plan = StepPlan(
-        tuple(len(r) for r in readers), config.batch_size, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size
+        tuple(len(p) for p in pieces) if pieces else tuple(len(r) for r in readers),
+        config.batch_size,
+        seed=config.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
     local_texts = config.batch_size // ctx.world_size
     spec = DataSpec(
@@ -364,6 +369,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         merge_threshold=config.merge_threshold,
         losses=names,
         alignment_cache=tuple(_usable_cache(url, student.tokenizer.digest, config) for url in config.store),
+        pieces=pieces,
     )
     loader = torch.utils.data.DataLoader(
         StepDataset(spec),
@@ -521,6 +527,27 @@ def _reduce_stats(per_batch: list[dict[str, float]], ctx: _Dist | None) -> dict[
 
 def _after_step(step: int) -> None:
     """Hook point after every optimizer step (tests slow a run down here to kill it mid-way)."""
+
+
+def _pieces(config: TrainConfig, readers: list[Any], student_tokenizer: Any) -> tuple[Pieces, ...] | None:
+    """Each store's documents as training texts: long ones cut into pieces (``split``)."""
+    if config.long_documents != "split":
+        return None
+    max_rows = estimate_piece_rows(readers, student_tokenizer, config.max_student_length)
+    if config.max_teacher_length is not None:
+        max_rows = min(max_rows, config.max_teacher_length)
+    pieces = tuple(Pieces.of(r.doc_num_tokens(), max_rows) for r in readers)
+    documents, texts = sum(len(r) for r in readers), sum(len(p) for p in pieces)
+    if texts > documents:
+        logger.info(
+            "%d documents longer than %d teacher rows (≈ %d student tokens) are split: %d documents → %d texts",
+            sum(int((p.num_rows > max_rows).sum()) for p in pieces),
+            max_rows,
+            config.max_student_length,
+            documents,
+            texts,
+        )
+    return pieces
 
 
 def _seed_everything(seed: int) -> None:

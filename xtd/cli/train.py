@@ -78,6 +78,9 @@ def train_command(
     max_student_length: Annotated[int, typer.Option(help="Student tokens per text (longer: truncated).")] = _default(
         "max_student_length"
     ),
+    long_documents: Annotated[
+        str, typer.Option(help="Documents longer than --max-student-length: split (into pieces) or truncate.")
+    ] = _default("long_documents"),
     max_teacher_length: Annotated[int | None, typer.Option(help="Teacher rows per text.")] = _default("max_teacher_length"),
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm; 0 = off.")] = _default("max_grad_norm"),
     seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = _default("seed"),
@@ -134,6 +137,7 @@ def train_command(
         micro_batch_size=micro_batch_size,
         micro_batch_tokens=micro_batch_tokens,
         max_student_length=max_student_length,
+        long_documents=long_documents,
         max_teacher_length=max_teacher_length,
         max_grad_norm=max_grad_norm,
         seed=seed,
