@@ -58,7 +58,7 @@ demo: setup  ## install, then distil SmolLM2 into a GPT-2-tokenizer student and 
 bench: setup  ## run every benchmark; writes results/bench.json and results/bench.md
 	$(PY) bench/run_all.py
 
-experiment: setup  ## miniature of the paper's Table 1 (≈ 13 min); QUICK=1 for the ≈ 1 min size
+experiment: setup  ## miniature of the paper's Table 1 (≈ 24 min); QUICK=1 for the ≈ 1 min size
 	$(PY) experiments/table1.py --out results $(if $(QUICK),--quick,)
 
 lint: setup  ## ruff

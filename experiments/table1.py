@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/table1.py --out results            # default size: 13 min on 2 idle cores (≤ 60 min)
+    python experiments/table1.py --out results            # default size: 24 min on 2 idle cores (≤ 60 min)
     python experiments/table1.py --out /tmp/t1 --quick    # ≤ 5 min smoke size (runs in CI)
 
 The setting, scaled down from spec/ALM.md §8 so that methods can separate beyond
@@ -90,8 +90,8 @@ class Size:
 
 DEFAULT = Size(
     passages=4000, passage_bytes=320, held_out_docs=6, teacher_vocab=2048, student_vocab=1536,
-    hidden=128, layers=4, teacher_steps=400, teacher_lr=3e-3, student_steps=50, student_lr=1e-3,
-    batch_size=16, byte_steps=30, byte_batch_size=8, subword_length=128, byte_length=352, seeds=3,
+    hidden=128, layers=4, teacher_steps=400, teacher_lr=3e-3, student_steps=150, student_lr=1e-3,
+    batch_size=16, byte_steps=90, byte_batch_size=8, subword_length=128, byte_length=352, seeds=3,
     methods=tuple(METHODS),
 )
 QUICK = Size(
