@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,26 +155,36 @@ def test_sigkill_then_same_command_equals_uninterrupted_run(tiny_lm, tmp_path: P
 
 @pytest.mark.slow
 def test_sigint_exits_130_with_message(tiny_lm, tmp_path: Path) -> None:  # noqa: ANN001
-    # Far more text than the run gets through before the signal (it stops at the first
-    # commit), so the interrupt always lands mid-run.
+    # Far more text than the run gets through before the signal, which is sent once the
+    # teacher has loaded and a shard is committed (or 5 s have passed; the whole run takes
+    # ~25 s here): it lands mid-run whatever the machine's load.
     texts = ["lorem ipsum dolor sit amet " * 8] * 2000
     data = _jsonl(tmp_path / "d.jsonl", texts)
     out = tmp_path / "store"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xtd", "-q", "precompute", "--teacher", str(tiny_lm), "--data", str(data),
+        [sys.executable, "-m", "xtd", "precompute", "--teacher", str(tiny_lm), "--data", str(data),
          "--out", str(out), "--batch-tokens", "128", "--shard-tokens", "300"],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+    pump = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    pump.start()
     deadline = time.monotonic() + 240
-    while _committed(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while not any("loaded in" in line for line in lines) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before the test could interrupt it"
+    loaded = time.monotonic()
+    while _committed(out) == 0 and proc.poll() is None and time.monotonic() - loaded < 5.0:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the test could interrupt it: " + "".join(lines)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    pump.join(timeout=10)
+    proc.stderr.close()
+    err = "".join(lines)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     reader = open_store(str(out))
