@@ -162,8 +162,12 @@ def test_sigint_exits_130_with_message(tiny_lm, tmp_path: Path) -> None:  # noqa
     data = _jsonl(tmp_path / "d.jsonl", texts)
     out = tmp_path / "store"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # A shell that starts jobs in the background (nohup …&, some CI runners) passes SIGINT
+    # on as ignored, and Python keeps it ignored: restore Ctrl-C's KeyboardInterrupt in
+    # the child, as a terminal would have it.
+    ctrl_c = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from xtd.cli import main; main()"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xtd", "precompute", "--teacher", str(tiny_lm), "--data", str(data),
+        [sys.executable, "-c", ctrl_c, "precompute", "--teacher", str(tiny_lm), "--data", str(data),
          "--out", str(out), "--batch-tokens", "128", "--shard-tokens", "300"],
         env=env,
         stdout=subprocess.DEVNULL,
