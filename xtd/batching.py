@@ -16,9 +16,10 @@ How a step's data is chosen (deterministic, so ``--resume`` replays the same ord
   length (longest first) and packs them into micro-batches of at most
   ``micro_batch_size`` texts and, with ``micro_batch_tokens``, at most that many
   padded tokens (:func:`pack_micro_batches`): length bucketing within the step, each
-  micro-batch padded to its longest sequence (spec/ALM.md §9 item 9). Since the ALM and SFT losses are normalised by
-  counts over the whole global batch (spec §4.2 step 8), the split into ranks and
-  micro-batches does not change the step's loss.
+  micro-batch padded to its longest sequence (spec/ALM.md §9 item 9). Since the ALM
+  and SFT losses are normalised by counts over the whole global batch (spec §4.2
+  step 8), the split into ranks and micro-batches does not change the step's loss
+  (nor its gradient, unless GradMag weighs each micro-batch's terms).
 
 Long documents are **cut into pieces** (``long_documents="split"``, the default): a
 document whose teacher rows exceed what ``max_student_length`` student tokens cover
