@@ -273,6 +273,23 @@ def test_no_topk_store(tmp_path):
     assert verify_store(tmp_path / "s") == []
 
 
+def test_reading_without_topk_and_hidden(tmp_path):
+    docs = make_docs(6, 8, hidden=4)
+    write_store(tmp_path / "s", docs, hidden_size=4)
+    reader = open_store(tmp_path / "s")
+    full = reader.document(3)
+    assert full.topk_ids is not None and full.hidden is not None
+    assert_same_doc(full, docs[3])
+    lean = reader.document(3, topk=False, hidden=False)
+    assert lean.topk_ids is None and lean.topk_logprobs is None and lean.tail_logmass is None
+    assert lean.hidden is None
+    for name in ("token_ids", "token_spans", "token_logprob", "boundary_logmass"):
+        np.testing.assert_array_equal(getattr(lean, name), getattr(full, name), err_msg=name)
+    window = reader.read_window(3, 2, 9, hidden=False)
+    np.testing.assert_array_equal(window.topk_ids, full.topk_ids[2:9])
+    assert window.hidden is None and window.text == full.text
+
+
 def test_read_window_and_torch_datasets(tmp_path):
     import torch.utils.data
 

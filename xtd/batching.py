@@ -428,11 +428,12 @@ class StepDataset(torch.utils.data.Dataset):
         else:
             doc_no, lo, hi, whole = spec.pieces[store_no].locate(unit)
         if whole:
-            doc = reader[doc_no]
+            doc = reader.document(doc_no, topk=spec.need_topk, hidden=spec.need_hidden)
             cached = cache[doc_no] if cache is not None else None
             where = f"document {doc_no} of store {spec.stores[store_no]!r}"
         else:
-            doc = read_piece(reader, doc_no, lo, hi, int(spec.pieces[store_no].num_rows[doc_no]))
+            num_rows = int(spec.pieces[store_no].num_rows[doc_no])
+            doc = read_piece(reader, doc_no, lo, hi, num_rows, topk=spec.need_topk, hidden=spec.need_hidden)
             cached = None  # the cache aligns whole documents
             where = f"rows {lo}-{hi} of document {doc_no} of store {spec.stores[store_no]!r}"
         return build_example(
@@ -547,14 +548,17 @@ _ROW_FIELDS = (
 _SNAP_ROWS = 8  # a UTF-8 character spans at most 4 byte tokens
 
 
-def read_piece(reader: Any, doc: int, lo: int, hi: int, num_rows: int) -> Any:
+def read_piece(
+    reader: Any, doc: int, lo: int, hi: int, num_rows: int, *, topk: bool = True, hidden: bool = True
+) -> Any:
     """Rows ``[lo, hi)`` of document ``doc`` as a document of its own (:func:`document_piece`).
 
     Byte-level tokens can split a UTF-8 character, so each cut moves forward to the
     first row that starts a character (at most a few rows on). Both pieces at a cut move
-    it the same way, so the pieces of a document still tile it.
+    it the same way, so the pieces of a document still tile it. ``topk`` / ``hidden``:
+    read those arrays too (:meth:`StoreReader.read_window`).
     """
-    window = reader.read_window(doc, lo, min(hi + _SNAP_ROWS, num_rows))
+    window = reader.read_window(doc, lo, min(hi + _SNAP_ROWS, num_rows), topk=topk, hidden=hidden)
     text = bytes(window.text)
     starts = np.asarray(window.token_spans)[:, 0]
 
@@ -589,7 +593,7 @@ def estimate_piece_rows(
     for reader in readers:
         n = len(reader)
         for d in np.unique(np.linspace(0, n - 1, num=min(n, sample)).astype(np.int64)).tolist():
-            piece = document_piece(reader.read_window(int(d), 0, window))
+            piece = document_piece(reader.read_window(int(d), 0, window, topk=False, hidden=False))
             text = bytes(piece.text).decode("utf-8", errors="replace")
             if text:
                 rows += piece.num_tokens

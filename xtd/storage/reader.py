@@ -205,21 +205,27 @@ class StoreReader:
 
     def __getitem__(self, d: int) -> Document:
         """Document ``d`` in global order (sorted by ``doc_index``), every stored quantity."""
+        return self.document(d)
+
+    def document(self, d: int, *, topk: bool = True, hidden: bool = True) -> Document:
+        """Document ``d``; ``topk=False`` / ``hidden=False`` skip reading those arrays
+        (the largest ones) and leave their fields None."""
         s, j = self._locate(d)
         shard = self._shards[s]
         t0, t1 = (int(x) for x in shard.doc_token_offsets[j : j + 2])
-        return self._document(s, j, t0, t1)
+        return self._document(s, j, t0, t1, topk=topk, hidden=hidden)
 
-    def read_window(self, d: int, start: int, stop: int) -> Document:
+    def read_window(self, d: int, start: int, stop: int, *, topk: bool = True, hidden: bool = True) -> Document:
         """Token rows ``[start, stop)`` of document ``d`` (text is the whole document).
 
         Spans stay relative to the document's bytes, so they index ``doc.text`` directly.
+        ``topk`` / ``hidden`` as in :meth:`document`.
         """
         s, j = self._locate(d)
         shard = self._shards[s]
         t0, t1 = (int(x) for x in shard.doc_token_offsets[j : j + 2])
         lo, hi = max(0, start), min(t1 - t0, stop)
-        return self._document(s, j, t0 + lo, t0 + max(lo, hi))
+        return self._document(s, j, t0 + lo, t0 + max(lo, hi), topk=topk, hidden=hidden)
 
     def _rows(self, s: int, name: str, lo: int, hi: int) -> np.ndarray:
         cached = self._cache.get(s)
@@ -227,7 +233,7 @@ class StoreReader:
             return cached[name][lo:hi]
         return self._handle(s, name)[lo:hi]
 
-    def _document(self, s: int, j: int, t0: int, t1: int) -> Document:
+    def _document(self, s: int, j: int, t0: int, t1: int, *, topk: bool = True, hidden: bool = True) -> Document:
         shard = self._shards[s]
         b0, b1 = (int(x) for x in shard.doc_byte_offsets[j : j + 2])
         doc = Document(
@@ -238,11 +244,11 @@ class StoreReader:
             boundary_logmass=self._rows(s, "boundary_logmass", t0, t1),
             doc_index=self._shard_doc_index(s, j),
         )
-        if self.top_k:
+        if self.top_k and topk:
             doc.topk_ids, values = self._topk(s, t0, t1)
             doc.topk_logprobs = decode_topk(values, self.topk_codec)
             doc.tail_logmass = self._rows(s, "tail_logmass", t0, t1)
-        if self.hidden_size:
+        if self.hidden_size and hidden:
             doc.hidden = self._rows(s, "hidden", t0, t1)
         if "token_slot" in shard.arrays:
             doc.token_slot = self._rows(s, "token_slot", t0, t1)
