@@ -10,7 +10,7 @@ import pytest
 from test_align import _random_case, _spans
 
 from xtd.align import Alignment, align_many, space_chunks
-from xtd.align_ids import align_ids, space_chunks_many, spans_from_ids
+from xtd.align_ids import align_ids, align_ids_both, space_chunks_many, spans_from_ids
 from xtd.errors import TokenizerError
 from xtd.tokenization import load_tokenizer, tokenizer_from_json
 
@@ -118,8 +118,10 @@ def test_align_ids_equals_the_span_path(teacher, student, special, corpus):
     pairs = [(t.spans[: len(i)], s.spans, tt.special_mask(i), st.special_mask(s.ids))
              for t, i, s in zip(te, t_ids, se, strict=True)]
     want = align_many(pairs)
-    for kind in ("unconstrained", "space"):
+    both = align_ids_both(tt, st, t_ids, [e.ids for e in se])
+    for k, kind in enumerate(("unconstrained", "space")):
         got = align_ids(tt, st, t_ids, [e.ids for e in se], chunks=kind)
+        assert [a.teacher_chunk.tolist() for a in got] == [a.teacher_chunk.tolist() for a in both[k]]
         for d, (w, g, ti, s) in enumerate(zip(want, got, t_ids, se, strict=True)):
             if kind == "space":
                 w = space_chunks(w, tt.boundary_class[ti] == 0, st.boundary_class[s.ids] == 0)

@@ -10,7 +10,8 @@ collator's inputs), and the ``space`` chunk kind for a whole batch at once:
   a text (without the byte-identity check, which needs the text);
 * :func:`space_chunks_many`: unconstrained chunks merged into space chunks for a batch of
   documents in one vectorised pass (``xtd.align.space_chunks`` is its one-document case);
-* :func:`align_ids`: ids of both sides → either chunk kind, for a batch.
+* :func:`align_ids`: ids of both sides → either chunk kind, for a batch
+  (:func:`align_ids_both`: both kinds from one unconstrained pass).
 
 Chunks and space chunks are defined in (docs/method.md, "Chunks"); the leading space that
 a SentencePiece dummy prefix adds is described in (docs/method.md, "Byte view of a
@@ -30,7 +31,7 @@ import numpy as np
 from xtd.align import Alignment, align_many
 from xtd.errors import TokenizerError
 
-__all__ = ["ChunkKind", "TokenTables", "align_ids", "space_chunks_many", "spans_from_ids"]
+__all__ = ["ChunkKind", "TokenTables", "align_ids", "align_ids_both", "space_chunks_many", "spans_from_ids"]
 
 ChunkKind = Literal["unconstrained", "space"]
 
@@ -255,10 +256,35 @@ def align_ids(
         TokenizerError: ids outside a vocabulary, or a WordPiece tokenizer.
         ByteIdentityError: the two sides do not start at the same byte.
     """
-    if len(teacher_ids) != len(student_ids):
-        raise ValueError(f"align_ids: {len(teacher_ids)} teacher documents but {len(student_ids)} student documents")
     if chunks not in ("unconstrained", "space"):
         raise ValueError(f"align_ids: unknown chunk kind {chunks!r}; choose unconstrained or space")
+    alignments, t_flat, s_flat = _unconstrained(teacher, student, teacher_ids, student_ids)
+    if chunks == "unconstrained":
+        return alignments
+    return _merge_space(alignments, teacher.boundary_class[t_flat] == 0, student.boundary_class[s_flat] == 0)
+
+
+def align_ids_both(
+    teacher: TokenTables, student: TokenTables, teacher_ids: Sequence[Any], student_ids: Sequence[Any]
+) -> tuple[list[Alignment], list[Alignment]]:
+    """Both chunk kinds of a batch from ids, sharing one unconstrained pass.
+
+    Arguments and errors as :func:`align_ids`.
+
+    Returns:
+        ``(unconstrained, space)``: one :class:`~xtd.align.Alignment` per document each.
+    """
+    alignments, t_flat, s_flat = _unconstrained(teacher, student, teacher_ids, student_ids)
+    space = _merge_space(alignments, teacher.boundary_class[t_flat] == 0, student.boundary_class[s_flat] == 0)
+    return alignments, space
+
+
+def _unconstrained(
+    teacher: TokenTables, student: TokenTables, teacher_ids: Sequence[Any], student_ids: Sequence[Any]
+) -> tuple[list[Alignment], np.ndarray, np.ndarray]:
+    """Unconstrained alignments of a batch, and the concatenated ids of both sides."""
+    if len(teacher_ids) != len(student_ids):
+        raise ValueError(f"align_ids: {len(teacher_ids)} teacher documents but {len(student_ids)} student documents")
     t_flat, t_off = _concat(teacher_ids)
     s_flat, s_off = _concat(student_ids)
     t_spans = np.stack(_flat_spans(teacher, t_flat, t_off), axis=1)  # (T, 2)
@@ -275,7 +301,4 @@ def align_ids(
         ]
     else:
         pairs = [(t_spans[t_b[d] : t_b[d + 1]], s_spans[s_b[d] : s_b[d + 1]]) for d in docs]
-    alignments = align_many(pairs)
-    if chunks == "unconstrained":
-        return alignments
-    return _merge_space(alignments, teacher.boundary_class[t_flat] == 0, student.boundary_class[s_flat] == 0)
+    return align_many(pairs), t_flat, s_flat
