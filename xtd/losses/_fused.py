@@ -166,6 +166,14 @@ def _slab_logits(h: Tensor, ws: _Weights, plan: _Plan) -> tuple[Tensor, Tensor |
     return z, u
 
 
+def _accumulate(out: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha · left @ right`` without a temporary of ``out``'s size when dtypes agree."""
+    if left.dtype == out.dtype:
+        out.addmm_(left, right, alpha=alpha)
+    else:
+        out.add_((left @ right).to(out.dtype), alpha=alpha)
+
+
 class _FusedOutputFn(torch.autograd.Function):
     """Output layer + per-row reductions, forward and backward in row slabs.
 
@@ -201,15 +209,17 @@ class _FusedOutputFn(torch.autograd.Function):
                 e = s + plan.rows
                 z, _ = _slab_logits(hidden[s:e].to(plan.matmul_dtype), ws, plan)  # (r, V)
                 top = z.amax(dim=-1, keepdim=True).nan_to_num(neginf=0.0)
-                ex = (z - top).exp_()  # (r, V), the one exp of the forward
+                picked = z.gather(1, gather_ids[s:e])  # (r, K), read before z turns into e^(z − top)
+                if plan.topk:
+                    values, ids = z.topk(plan.topk, dim=-1)
+                ex = z.sub_(top).exp_()  # (r, V) in place: one slab alive, the one exp of the forward
                 total = ex.sum(dim=-1)
                 lse_s = top.squeeze(1) + total.log()
                 lse[s:e] = lse_s
-                gathered[s:e] = z.gather(1, gather_ids[s:e]) - lse_s[:, None]
+                gathered[s:e] = picked - lse_s[:, None]
                 if maskf is not None:
                     beta[s:e] = (ex @ maskf) / total
                 if plan.topk:
-                    values, ids = z.topk(plan.topk, dim=-1)
                     top_lp[s:e] = values - lse_s[:, None]
                     top_ids[s:e] = ids
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, gather_ids, maskf, top_ids, lse, beta)
@@ -238,16 +248,20 @@ class _FusedOutputFn(torch.autograd.Function):
                 e = s + plan.rows
                 h = hidden[s:e].to(mm)
                 z, u = _slab_logits(h, ws, plan)
-                dz = (z - lse[s:e, None]).exp()  # (r, V) softmax, the one exp of the backward
+                dz = (z - lse[s:e, None]).exp_()  # (r, V) softmax, the one exp of the backward
+                # z is not needed any more: it becomes the soft-cap's derivative, or scratch.
+                if plan.softcap is not None:  # d(c·tanh(y/c))/dy = 1 − tanh² = 1 − (z/c)²
+                    z.div_(plan.softcap).square_().neg_().add_(1.0)
+                scratch = None if plan.softcap is not None else z
                 if maskf is not None:
-                    dz.mul_(torch.addcmul(a[s:e, None], b[s:e, None], maskf[None, :]))
+                    dz.mul_(torch.addcmul(a[s:e, None], b[s:e, None], maskf[None, :], out=scratch))
                 else:
                     dz.mul_(a[s:e, None])
                 dz.scatter_add_(1, gather_ids[s:e], g_gathered[s:e])
                 if plan.topk:
                     dz.scatter_add_(1, top_ids[s:e], g_top[s:e])
-                if plan.softcap is not None:  # d(c·tanh(y/c))/dy = 1 − tanh² = 1 − (z/c)²
-                    dz.mul_(1.0 - (z / plan.softcap).square_())
+                if plan.softcap is not None:
+                    dz.mul_(z)
                 if plan.logit_scale != 1.0:
                     dz.mul_(plan.logit_scale)
                 dzm = dz.to(mm)
@@ -258,13 +272,13 @@ class _FusedOutputFn(torch.autograd.Function):
                         gh = gh + plan.lora_scale * (db_dz @ ws.a)
                     grad_h[s:e] = gh
                 if grad_w is not None:
-                    grad_w[:v] += (dzm.T @ h).to(dtype)
+                    _accumulate(grad_w[:v], dzm.T, h)
                 if grad_bias is not None:
                     grad_bias[:v] += dz.sum(0)
                 if grad_b is not None and u is not None:
-                    grad_b[:v] += plan.lora_scale * (dzm.T @ u).to(dtype)
+                    _accumulate(grad_b[:v], dzm.T, u, plan.lora_scale)
                 if grad_a is not None and db_dz is not None:
-                    grad_a += plan.lora_scale * (db_dz.T @ h).to(dtype)
+                    _accumulate(grad_a, db_dz.T, h, plan.lora_scale)
 
         def cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if grad is None or like is None else grad.to(like.dtype)
