@@ -44,7 +44,7 @@ Smaller slabs make the matmuls less efficient: at 49k × 576 on 2 CPU cores, 1 <
 about 10% more time per step than 1 << 24; 1 << 25 bought nothing more."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # tensors: identity, not element-wise equality
 class OutputLayer:
     """A causal LM's output layer as tensors: ``z = softcap(scale · (h Wᵀ + b + s·(h Aᵀ) Bᵀ))``.
 
