@@ -160,17 +160,20 @@ class _Chunked:
         self.offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum(self.counts, out=self.offsets[1:])
         self.chunk = np.concatenate(chunks)  # (N,) local chunk id per token, -1 = none
-        self.rows = np.flatnonzero(self.chunk >= 0)  # tokens in a chunk
-        ids = self.chunk[self.rows]
+        # Usually every token is in a chunk (no truncation, no one-sided slots): then the
+        # chunked tokens are all tokens and two gathers and a scatter can be skipped.
+        self.rows = None if not self.chunk.size or self.chunk.min() >= 0 else np.flatnonzero(self.chunk >= 0)
+        ids = self.chunk if self.rows is None else self.chunk[self.rows]
+        size = ids.size
         # A token starts a chunk when its id differs from the previous chunked token's, or
         # when it is its document's first chunked token (ids restart at 0 per document).
-        first = np.ones(self.rows.size, dtype=bool)
+        first = np.ones(size, dtype=bool)
         np.not_equal(ids[1:], ids[:-1], out=first[1:])
-        doc_first = np.searchsorted(self.rows, self.offsets[:-1])
-        first[doc_first[doc_first < self.rows.size]] = True
-        at = np.flatnonzero(first)  # (C,) position in ``rows`` of each chunk's first token
-        self.run = np.diff(np.append(at, self.rows.size))  # (C,) chunked tokens per chunk
-        self.starts_space = space.take(self.rows.take(at))  # (C,) in chunk order
+        doc_first = self.offsets[:-1] if self.rows is None else np.searchsorted(self.rows, self.offsets[:-1])
+        first[doc_first[doc_first < size]] = True
+        at = np.flatnonzero(first)  # (C,) position among the chunked tokens of each chunk's first
+        self.run = np.diff(np.append(at, size))  # (C,) chunked tokens per chunk
+        self.starts_space = space.take(at if self.rows is None else self.rows.take(at))  # (C,) in chunk order
 
     def remap(self, lo_group: np.ndarray, closes_before: np.ndarray) -> np.ndarray:
         """(N,) int32 group id per token, local to its document.
@@ -179,6 +182,8 @@ class _Chunked:
         global group) and ``lo_group[c]`` the first group of c's document.
         """
         local_group = (closes_before - lo_group).astype(np.int32)  # (C,)
+        if self.rows is None:
+            return np.repeat(local_group, self.run)
         out = np.full(self.chunk.size, -1, dtype=np.int32)
         out[self.rows] = np.repeat(local_group, self.run)
         return out
