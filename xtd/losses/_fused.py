@@ -224,6 +224,7 @@ class _FusedOutputFn(torch.autograd.Function):
                 if plan.topk:
                     top_lp[s:e] = values - lse_s[:, None]
                     top_ids[s:e] = ids
+                del z, ex  # free this slab before the next one is computed
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, gather_ids, maskf, top_ids, lse, beta)
         ctx.plan = plan
         ctx.mark_non_differentiable(top_ids)
@@ -281,6 +282,7 @@ class _FusedOutputFn(torch.autograd.Function):
                     _accumulate(grad_b[:v], dzm.T, u, plan.lora_scale)
                 if grad_a is not None and db_dz is not None:
                     _accumulate(grad_a, db_dz.T, h, plan.lora_scale)
+                del z, dz, dzm, scratch  # free this slab before the next one is computed
 
         def cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
             return None if grad is None or like is None else grad.to(like.dtype)
