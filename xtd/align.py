@@ -548,34 +548,6 @@ def space_chunks(alignment: Alignment, teacher_space: np.ndarray, student_space:
     Returns:
         A new :class:`Alignment` whose chunks are the merged groups.
     """
-    num = alignment.num_chunks
-    t_space = np.asarray(teacher_space, dtype=bool)
-    s_space = np.asarray(student_space, dtype=bool)
-    if t_space.shape != alignment.teacher_chunk.shape or s_space.shape != alignment.student_chunk.shape:
-        raise ValueError("teacher_space/student_space must have one entry per token")
-    if num == 0:
-        return alignment
-    t_first = alignment.teacher_ranges[:, 0]
-    s_first = alignment.student_ranges[:, 0]
-    closes = np.ones(num, dtype=bool)
-    next_space = t_space[t_first[1:]] & s_space[s_first[1:]]
-    closes[:-1] = alignment.chunk_slot[:-1] | alignment.chunk_slot[1:] | next_space
-    group = merge_groups(closes)
-    num_groups = int(group[-1]) + 1
-    lo = np.full(num_groups, np.iinfo(np.int64).max)
-    hi = np.zeros(num_groups, dtype=np.int64)
-    np.minimum.at(lo, group, alignment.chunk_bytes[:, 0])
-    np.maximum.at(hi, group, alignment.chunk_bytes[:, 1])
-    slot = np.zeros(num_groups, dtype=bool)
-    slot[group[alignment.chunk_slot]] = True
+    from xtd.align_ids import space_chunks_many  # the batched pass; this is its B = 1 case
 
-    def remap(chunk: np.ndarray) -> np.ndarray:
-        return np.where(chunk >= 0, group[np.maximum(chunk, 0)], -1).astype(np.int32)
-
-    return Alignment(
-        teacher_chunk=remap(alignment.teacher_chunk),
-        student_chunk=remap(alignment.student_chunk),
-        num_chunks=num_groups,
-        chunk_bytes=np.stack([lo, hi], axis=1),
-        chunk_slot=slot,
-    )
+    return space_chunks_many([alignment], [teacher_space], [student_space])[0]

@@ -101,6 +101,9 @@ class ByteTokenizer:
         hf: the transformers tokenizer (``save_pretrained`` works).
         vocab_size: number of ids, specials included.
         token_bytes: byte view of every id (``b""`` for special tokens).
+        token_lengths: (V,) int64 read-only, ``len(token_bytes[id])``: ids → spans at array
+            speed (:func:`xtd.align_ids.spans_from_ids`).
+        has_dummy_prefix: a SentencePiece dummy prefix adds one leading space to the views.
         boundary_class: (V,) int8, -1 none, else an index into :data:`BOUNDARY_CLASSES`.
         special_ids: (n,) int64 sorted ids of the special tokens.
         bos_id, eos_id, pad_id: ids of those special tokens, or None.
@@ -151,6 +154,8 @@ class ByteTokenizer:
         self.special_ids = np.asarray(specials, dtype=np.int64)
         self.token_bytes = _token_bytes(vocab, added, self.vocab_size, self.kind, state)
         self._lengths = np.fromiter((len(b) for b in self.token_bytes), np.int64, self.vocab_size)
+        self._lengths.flags.writeable = False
+        self.token_lengths, self.has_dummy_prefix = self._lengths, self._dummy_prefix
         self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
         self._flat = np.frombuffer(b"".join(self.token_bytes), dtype=np.uint8)
         self._is_special = np.zeros(self.vocab_size, dtype=bool)

@@ -12,6 +12,11 @@ Typical ALM + SFT step (per micro-batch)::
     logprob, sigma = student_path(logits, ids, boundary_mask)
     alm, stats = alm_loss(logprob, sigma, targets, normalizer=n_alm, chunks=chunks)
     sft = sft_loss(logprob, loss_mask, normalizer=n_sft)
+
+Without (B, S, V) logits: the same ℓ^S and σ^S from the final hidden states and the
+output layer, in row slabs (``_fused``; ``xtd.output_layer`` reads both from a model)::
+
+    logprob, sigma = fused_student_path(hidden, layer, ids, boundary_mask)
 """
 
 from __future__ import annotations
@@ -34,10 +39,20 @@ from xtd.losses._baselines import (
     count_mined_terms,
     count_sft_tokens,
     kd_topk_loss,
+    kd_topk_loss_from_logprob,
     mined_loss,
     one_to_one_chunks,
     sft_loss,
     uld_loss,
+    uld_loss_from_topk,
+    uld_rows,
+)
+from xtd.losses._fused import (
+    FUSED_CHUNK_ELEMENTS,
+    FusedOutputs,
+    OutputLayer,
+    fused_output,
+    fused_student_path,
 )
 from xtd.losses._gradmag import combine_losses, gradmag_weights, last_block_parameters
 from xtd.losses._latents import (
@@ -50,10 +65,13 @@ from xtd.losses._mined_map import build_mined_map, tokenizer_bytes_digest
 
 __all__ = [
     "ALM_DISTANCES",
+    "FUSED_CHUNK_ELEMENTS",
     "LATENT_KINDS",
     "LOGPROB_FLOOR",
     "ALMChunks",
     "ALMTargets",
+    "FusedOutputs",
+    "OutputLayer",
     "alm_chunks",
     "alm_distance",
     "alm_loss",
@@ -64,8 +82,11 @@ __all__ = [
     "count_mined_terms",
     "count_scored_chunks",
     "count_sft_tokens",
+    "fused_output",
+    "fused_student_path",
     "gradmag_weights",
     "kd_topk_loss",
+    "kd_topk_loss_from_logprob",
     "last_block_parameters",
     "latents_loss",
     "log1mexp",
@@ -77,4 +98,6 @@ __all__ = [
     "teacher_sigma",
     "tokenizer_bytes_digest",
     "uld_loss",
+    "uld_loss_from_topk",
+    "uld_rows",
 ]

@@ -31,10 +31,13 @@ __all__ = [
     "count_mined_terms",
     "count_sft_tokens",
     "kd_topk_loss",
+    "kd_topk_loss_from_logprob",
     "mined_loss",
     "one_to_one_chunks",
     "sft_loss",
     "uld_loss",
+    "uld_loss_from_topk",
+    "uld_rows",
 ]
 
 _TAIL_CAP = -1e-7  # keep log(top-k mass) < 0 so log(1 − mass) stays finite
@@ -118,9 +121,32 @@ def kd_topk_loss(
     dtype = _compute_dtype(logits)
     z = logits[..., :vocab].to(dtype)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, S, 1)
-    lp_s = (z.gather(-1, topk_ids.long().clamp(0, vocab - 1)) - lse).clamp(
-        LOGPROB_FLOOR, 0.0
-    )  # (B, S, K)
+    lp_s = z.gather(-1, topk_ids.long().clamp(0, vocab - 1)) - lse  # (B, S, K)
+    return kd_topk_loss_from_logprob(lp_s, topk_logprobs, tail_logmass, loss_mask, normalizer=normalizer)
+
+
+def kd_topk_loss_from_logprob(
+    student_topk_logprob: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    loss_mask: Tensor,
+    *,
+    normalizer: int | float | Tensor | None = None,
+) -> Tensor:
+    """:func:`kd_topk_loss` from the student's log-probs of the teacher's top-k ids.
+
+    For a student whose logits are never materialised: ``xtd.losses.fused_output(hidden,
+    layer, gather_ids=topk_ids).gathered_logprob`` gives them.
+
+    Args:
+        student_topk_logprob: (B, S, K) student log-probs at ``topk_ids``.
+        topk_logprobs, tail_logmass, loss_mask, normalizer: as :func:`kd_topk_loss`.
+
+    Returns:
+        0-dim float32 loss.
+    """
+    dtype = _compute_dtype(student_topk_logprob)
+    lp_s = student_topk_logprob.to(dtype).clamp(LOGPROB_FLOOR, 0.0)
     lp_t = topk_logprobs.to(dtype).clamp(LOGPROB_FLOOR, 0.0)
     tail_t = tail_logmass.to(dtype).clamp(LOGPROB_FLOOR, 0.0)
     tail_s = log1mexp(torch.logsumexp(lp_s, dim=-1).clamp(max=_TAIL_CAP)).clamp(LOGPROB_FLOOR, 0.0)
@@ -174,17 +200,58 @@ def uld_loss(
     Returns:
         0-dim float32 loss.
     """
-    if chunks is None:
-        chunks = alm_chunks(targets, merge=False)
-    sel = chunks.scored.nonzero().squeeze(1)
-    if sel.numel() == 0:
+    rows_t, rows_s = uld_rows(targets, chunks=chunks)
+    if rows_s.numel() == 0:
         return logits.to(_compute_dtype(logits)).sum() * 0.0
-    rows_t, rows_s = _predicting_rows(chunks, sel)
     k = topk_logprobs.shape[-1]
     vocab = vocab_size or logits.shape[-1]
     dtype = _compute_dtype(logits)
     z = logits.reshape(-1, logits.shape[-1])[rows_s, :vocab].to(dtype)  # (P, V)
     p_s = torch.softmax(z, dim=-1).topk(min(k, vocab), dim=-1).values  # (P, k), descending
+    return _uld_distance(p_s, rows_t, topk_logprobs, tail_logmass, normalizer)
+
+
+def uld_rows(targets: ALMTargets, *, chunks: ALMChunks | None = None) -> tuple[Tensor, Tensor]:
+    """(P,) flat teacher rows and (P,) flat student rows that ULD compares (see :func:`uld_loss`)."""
+    if chunks is None:
+        chunks = alm_chunks(targets, merge=False)
+    return _predicting_rows(chunks, chunks.scored.nonzero().squeeze(1))
+
+
+def uld_loss_from_topk(
+    student_topk_logprob: Tensor,
+    rows_t: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    *,
+    normalizer: int | float | Tensor | None = None,
+) -> Tensor:
+    """:func:`uld_loss` from the student's own top-k log-probs at the rows of :func:`uld_rows`.
+
+    For a student whose logits are never materialised: ``xtd.losses.fused_output(
+    hidden.reshape(-1, H)[rows_s], layer, topk=K).topk_logprob`` gives them.
+
+    Args:
+        student_topk_logprob: (P, k) the student's k largest log-probs (descending) at the
+            student rows of :func:`uld_rows`, k ≤ K.
+        rows_t: (P,) the teacher rows of :func:`uld_rows`.
+        topk_logprobs, tail_logmass, normalizer: as :func:`uld_loss`.
+
+    Returns:
+        0-dim float32 loss.
+    """
+    dtype = _compute_dtype(student_topk_logprob)
+    if rows_t.numel() == 0:
+        return student_topk_logprob.to(dtype).sum() * 0.0
+    return _uld_distance(student_topk_logprob.to(dtype).exp(), rows_t, topk_logprobs, tail_logmass, normalizer)
+
+
+def _uld_distance(
+    p_s: Tensor, rows_t: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, normalizer: int | float | Tensor | None
+) -> Tensor:
+    """Σ over aligned positions of the L1 between sorted top-k probabilities and tails."""
+    k = topk_logprobs.shape[-1]
+    dtype = p_s.dtype
     if p_s.shape[-1] < k:
         p_s = F.pad(p_s, (0, k - p_s.shape[-1]))
     p_t = (
@@ -198,7 +265,7 @@ def uld_loss(
     m_t = tail_logmass.reshape(-1)[rows_t].to(dtype).clamp(max=0.0).exp()
     m_s = (1.0 - p_s.sum(-1)).clamp(min=0.0)
     dist = (p_t - p_s).abs().sum(-1) + (m_t - m_s).abs()
-    return dist.sum() / _denominator(normalizer, sel.numel())
+    return dist.sum() / _denominator(normalizer, rows_t.numel())
 
 
 def one_to_one_chunks(chunks: ALMChunks) -> Tensor:
