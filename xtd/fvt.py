@@ -243,20 +243,19 @@ def _encode_plain(tok: ByteTokenizer, texts: list[str]) -> list[list[int] | None
     """Old-tokenizer ids of each text with no special tokens added (its whole pipeline).
 
     Special-token strings inside a text stay text (spec/ALM.md §2.3). A text whose byte
-    views the tokenizer cannot reproduce gives ``None`` (FVT then falls back to rule 4).
+    views the tokenizer cannot reproduce gives ``None`` (FVT then falls back to rule 4);
+    such texts are found by halving the batch, so a few of them cost a few more batched
+    calls, not one call per text.
     """
     from xtd.errors import ByteIdentityError
 
     try:
         return [enc.ids.tolist() for enc in tok.encode_batch(texts)]
     except ByteIdentityError:
-        out: list[list[int] | None] = []
-        for text in texts:
-            try:
-                out.append(tok.encode(text).ids.tolist())
-            except ByteIdentityError:
-                out.append(None)
-        return out
+        if len(texts) == 1:
+            return [None]
+        half = len(texts) // 2
+        return _encode_plain(tok, texts[:half]) + _encode_plain(tok, texts[half:])
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ _LAZY = {
     "SampledTokenizer": "sampler",
     "pretokenize": "sampler",
     "DECOMPOSITION_RULES": "decomposition",
+    "Decomposer": "decomposition",
     "Decomposition": "decomposition",
     "decompose": "decomposition",
     "Hypernet": "model",

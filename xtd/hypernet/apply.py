@@ -76,7 +76,7 @@ def apply_hypernet(
     report = {
         "source": str(bundle.base_model),
         "init": f"the hypernetwork {config.hypernet}",
-        "init_rules": [*DECOMPOSITION_RULES, "truncated"],
+        "init_rules": [*DECOMPOSITION_RULES, "byte_rows", "truncated"],
         "tokenizer_changed": True,
         "tokenizer": target.name,
         "tied": is_tied(model),

@@ -12,7 +12,8 @@ docs/method.md, "Hypernetworks"):
 where ``R`` is the first piece's row (``residual="first"``, ZeTT's E_in[0]) or the mean
 of the rows (``"mean"``, where FVT starts), μ and σ the per-column mean and standard
 deviation of the base table, ``P`` learned position embeddings, and the transformer a
-pre-norm encoder with a padding mask. ``W_out`` starts at zero, so a new hypernetwork is
+pre-norm encoder with a padding mask. A byte the base vocabulary lacks is read through a
+learned byte row (:mod:`xtd.hypernet.decomposition`). ``W_out`` starts at zero, so a new hypernetwork is
 the identity on single-piece tokens: for the base tokenizer itself it reproduces the
 base embeddings exactly.
 
@@ -42,7 +43,7 @@ from torch import nn
 from xtd.errors import ConfigError, ModelLoadError, TokenizerError, TokenizerMismatchError
 from xtd.fvt import EmbeddingLayout, embedding_table
 from xtd.hypernet.config import HypernetConfig
-from xtd.hypernet.decomposition import Decomposition, decompose
+from xtd.hypernet.decomposition import Decomposer, Decomposition
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -97,6 +98,10 @@ class Hypernet(nn.Module):
         self.register_buffer("source", source, persistent=False)  # (V, W)
         self.register_buffer("source_mean", source.mean(0), persistent=False)  # (W,)
         self.register_buffer("source_std", source.std(0, unbiased=False).clamp(min=1e-6), persistent=False)
+        self.num_base = source.shape[0]
+        # Byte rows (pieces V + b): learned rows for bytes the base vocabulary lacks,
+        # drawn around the base table's per-column statistics.
+        self.byte_rows = nn.Parameter(torch.randn(256, width) * self.source_std + self.source_mean)  # (256, W)
         self.in_proj = nn.Linear(width, dim)
         self.position = nn.Parameter(torch.randn(config.max_pieces, dim) * 0.02)  # (L_max, D)
         layer = nn.TransformerEncoderLayer(
@@ -118,14 +123,21 @@ class Hypernet(nn.Module):
         """Embedding rows of target tokens.
 
         Args:
-            pieces: (N, L) int64 base ids, ``-1`` after a token's last piece; every token
-                has at least one piece and ``L ≤ config.max_pieces``.
+            pieces: (N, L) int64 base ids (``V + b`` for the byte row of byte ``b``), ``-1``
+                after a token's last piece; every token has at least one piece and
+                ``L ≤ config.max_pieces``.
 
         Returns:
             (N, W) float32 rows in the layout of the base table.
         """
         pad = pieces < 0  # (N, L)
-        rows = self.source[pieces.clamp(min=0)]  # (N, L, W)
+        ids = pieces.clamp(min=0)
+        is_byte_row = (ids >= self.num_base).unsqueeze(-1)  # (N, L, 1)
+        rows = torch.where(
+            is_byte_row,
+            self.byte_rows[(ids - self.num_base).clamp(0, 255)],
+            self.source[ids.clamp(max=self.num_base - 1)],
+        )  # (N, L, W)
         h = self.in_proj((rows - self.source_mean) / self.source_std) + self.position[: pieces.shape[1]]  # (N, L, D)
         h = self.encoder(h, src_key_padding_mask=pad)
         delta = self.out_proj(self.norm(h[:, 0])) * self.source_std  # (N, W)
@@ -146,12 +158,17 @@ class HypernetBundle:
         model: the base causal LM (frozen; its own embeddings are the hypernetwork's source).
         tokenizer: the base model's tokenizer (the pieces are its ids).
         base_model: the spec the base model is loaded from (saved with the hypernetwork).
+        decomposer: decomposes target tokens into the base's ids (``max_pieces`` of the
+            config), caching by byte view across calls.
     """
 
     hypernet: Hypernet
     model: PreTrainedModel
     tokenizer: ByteTokenizer
     base_model: str
+
+    def __post_init__(self) -> None:
+        self.decomposer = Decomposer(self.tokenizer, max_pieces=self.hypernet.config.max_pieces)
 
     @property
     def layout(self) -> EmbeddingLayout:
@@ -160,7 +177,7 @@ class HypernetBundle:
 
     def decompose(self, target: ByteTokenizer, ids: Sequence[int] | np.ndarray | None = None) -> Decomposition:
         """Base-token pieces of ``target`` tokens, cut at the hypernetwork's ``max_pieces``."""
-        return decompose(self.tokenizer, target, ids, max_pieces=self.hypernet.config.max_pieces)
+        return self.decomposer(target, ids)
 
     @torch.no_grad()
     def predict(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xtd.errors import ConfigError
-from xtd.hypernet.decomposition import Decomposition, decompose
+from xtd.hypernet.decomposition import Decomposer, Decomposition
 from xtd.tokenization import ByteTokenizer, Encoding
 
 __all__ = ["StepVocabulary", "prepare_step"]
@@ -57,10 +57,9 @@ class StepVocabulary:
 
 def prepare_step(
     tokenizer: ByteTokenizer,
-    base: ByteTokenizer,
+    decomposer: Decomposer,
     texts: Sequence[str],
     *,
-    max_pieces: int = 8,
     max_vocab: int | None = None,
     rng: np.random.Generator | None = None,
     add_special_tokens: bool = False,
@@ -69,9 +68,9 @@ def prepare_step(
 
     Args:
         tokenizer: the step's (sampled) tokenizer.
-        base: the base model's tokenizer (the pieces are its ids).
+        decomposer: decomposes into the base model's ids, at most ``max_pieces`` each
+            (one per run: it caches what earlier steps decomposed).
         texts: the step's texts.
-        max_pieces: pieces per token given to the hypernetwork.
         max_vocab: predict at most this many tokens: the used ones and the specials,
             then random others (drawn from ``rng``) up to this size; ``None`` for the
             whole vocabulary. When the texts use more tokens, all of them are kept.
@@ -101,7 +100,7 @@ def prepare_step(
             keep = np.union1d(keep, rng.choice(others, size=min(extra, others.shape[0]), replace=False))
         vocab_ids = keep.astype(np.int64)
     used = np.isin(vocab_ids, used_ids)
-    decomposition = decompose(base, tokenizer, vocab_ids, max_pieces=max_pieces)
+    decomposition = decomposer(tokenizer, vocab_ids)
     local_ids = [np.searchsorted(vocab_ids, e.ids.astype(np.int64)) for e in encodings]
 
     text_tokens = flat[~tokenizer.special_mask(flat)] if flat.size else flat
