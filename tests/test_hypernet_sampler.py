@@ -64,6 +64,17 @@ def test_sampled_tokenizer_is_an_exact_byte_tokenizer(base, corpus: list[str]) -
         assert np.array_equal(enc.spans[1:, 0], enc.spans[:-1, 1])
     # Saved and reloaded through transformers, it is the same tokenizer.
     assert load_tokenizer(tok.hf).digest == tok.digest
+    # Alignment takes it unchanged: chunks tile each text, and every chunk ends where
+    # both tokenizations have a token end.
+    from xtd.align import align_many
+
+    base_encs = base.encode_batch(texts)
+    encs = tok.encode_batch(texts)
+    alignments = align_many([(a.spans, b.spans) for a, b in zip(base_encs, encs, strict=True)])
+    for text, a, b, al in zip(texts, base_encs, encs, alignments, strict=True):
+        assert al.chunk_bytes[0, 0] == 0 and al.chunk_bytes[-1, 1] == len(text.encode("utf-8"))
+        assert np.array_equal(al.chunk_bytes[1:, 0], al.chunk_bytes[:-1, 1])
+        assert set(al.chunk_bytes[:, 1]) <= set(a.spans[:, 1]) & set(b.spans[:, 1])
 
 
 def test_specials_bytes_and_whitespace_runs_are_always_there(base) -> None:
