@@ -188,7 +188,7 @@ def fvt_pieces(
 def fvt_matrix(
     old_tok: ByteTokenizer, new_tok: ByteTokenizer
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """The FVT map from old to new ids (spec/ALM.md §7.1) as one sparse matrix.
+    """The FVT map from old to new ids as one sparse matrix (docs/method.md, "FVT initialisation").
 
     Each new token's row averages the old rows of its :func:`fvt_pieces` (the rules are
     documented there); a token without pieces (rule 4) has an all-zero row.
