@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ORDER = ["storage", "align", "losses", "memory", "precompute", "train"]
+ORDER = ["storage", "align", "losses", "memory", "precompute", "train", "hypernet"]
 
 
 def _load(name: str):

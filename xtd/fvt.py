@@ -4,13 +4,19 @@
 (special-token roles, identical byte views, the old tokenizer's split of the new token's
 bytes, else a random draw) as one sparse matrix; :func:`fvt_init` applies it to the
 input and output embeddings (and an output bias) with one sparse product.
+:func:`fvt_pieces` gives the same rules' ordered old-token pieces per new token (the
+hypernetwork's input, :mod:`xtd.hypernet`); :func:`embedding_table` and
+:func:`set_embedding_table` read and write every embedding of a model as one matrix.
 
 Dimension letters: ``V`` vocabulary (``V_old``/``V_new``), ``H`` hidden size.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +31,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FVT_RULES", "fvt_init", "fvt_matrix", "is_tied", "embedding_params", "untie_embeddings", "set_special_ids"]
+__all__ = [
+    "FVT_RULES",
+    "EmbeddingLayout",
+    "fvt_init",
+    "fvt_matrix",
+    "fvt_pieces",
+    "embedding_table",
+    "set_embedding_table",
+    "is_tied",
+    "embedding_params",
+    "untie_embeddings",
+    "set_special_ids",
+]
 
 FVT_RULES = ("special", "exact", "decomposed", "random")
 """The rules of spec/ALM.md §7.1 in the order they are tried; keys of ``init_report``."""
@@ -93,37 +111,33 @@ def _utf8_segments(data: bytes) -> list[str | int]:
     return out
 
 
-def fvt_matrix(
-    old_tok: ByteTokenizer, new_tok: ByteTokenizer
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """The FVT map from old to new ids (spec/ALM.md §7.1) as one sparse matrix.
+def fvt_pieces(
+    old_tok: ByteTokenizer, new_tok: ByteTokenizer, ids: Sequence[int] | None = None
+) -> tuple[list[list[int]], list[str]]:
+    """The old-token pieces of new tokens by the FVT rules (docs/method.md, "FVT initialisation").
 
     Rule per new token, in order: (1) ``special``: a token that plays a role (bos, eos,
-    pad, unk; bos wins over pad) copies the old token of that role, and a special token
-    whose string is an old special token copies it; (2) ``exact``: an identical byte view
-    in the old vocabulary is copied (a non-byte-fallback id preferred); (3)
-    ``decomposed``: the byte view is tokenized by the old tokenizer (its full pipeline;
-    bytes that are not valid UTF-8 map to the old single-byte token) and the pieces'
-    embeddings are averaged; (4) ``random``: otherwise.
+    pad, unk; bos wins over pad) maps to the old token of that role, and a special token
+    whose string is an old special token maps to it; (2) ``exact``: an identical byte view
+    in the old vocabulary (a non-byte-fallback id preferred); (3) ``decomposed``: the byte
+    view as the old tokenizer cuts it (its full pipeline; bytes that are not valid UTF-8
+    map to the old single-byte token); (4) ``random``: no pieces.
+
+    Args:
+        old_tok: the tokenizer whose ids the pieces are.
+        new_tok: the tokenizer whose tokens are decomposed.
+        ids: new ids to decompose, in this order; ``None`` for every id.
 
     Returns:
-        ``(matrix, is_random, counts)``: ``matrix`` a coalesced sparse COO float32 tensor
-        (V_new, V_old) whose rows average old rows (all-zero for rule 4); ``is_random``
-        (V_new,) bool; ``counts`` per rule.
+        ``(pieces, rules)``: per requested id its old ids in text order (one id for rules
+        1–2, ``[]`` for rule 4; a piece may repeat) and the name of the rule that applied.
     """
+    wanted = range(new_tok.vocab_size) if ids is None else [int(j) for j in ids]
     old_roles, new_roles = _role_ids(old_tok), _role_ids(new_tok)
     old_special = {s: i for i, s in _special_strings(old_tok).items()}
     new_special = _special_strings(new_tok)
     old_unk = old_roles["unk"]
-
-    # Byte view → old id, preferring ordinary tokens over <0xNN> byte-fallback pieces.
-    old_by_bytes: dict[bytes, int] = {}
-    old_specials = set(old_tok.special_ids.tolist())
-    for i, view in enumerate(old_tok.token_bytes):
-        if not view or i in old_specials:
-            continue
-        if view not in old_by_bytes or _is_byte_fallback(old_tok, old_by_bytes[view]):
-            old_by_bytes[view] = i
+    old_by_bytes = _bytes_index(old_tok)
 
     role_of_new: dict[int, str] = {}
     for role in reversed(_ROLES):  # earlier roles overwrite later ones: bos wins over pad
@@ -131,40 +145,61 @@ def fvt_matrix(
         if idx is not None and old_roles[role] is not None:
             role_of_new[int(idx)] = role
 
-    rows: list[list[int]] = [[] for _ in range(new_tok.vocab_size)]
-    counts = dict.fromkeys(FVT_RULES, 0)
-    to_decompose: list[int] = []
-    for j in range(new_tok.vocab_size):
+    pieces: list[list[int]] = []
+    rules: list[str] = []
+    to_decompose: list[int] = []  # positions in `pieces`
+    for j in wanted:
         if j in role_of_new:
-            rows[j] = [int(old_roles[role_of_new[j]])]  # type: ignore[arg-type]
-            counts["special"] += 1
+            pieces.append([int(old_roles[role_of_new[j]])])  # type: ignore[arg-type]
+            rules.append("special")
         elif j in new_special and new_special[j] in old_special:
-            rows[j] = [old_special[new_special[j]]]
-            counts["special"] += 1
+            pieces.append([old_special[new_special[j]]])
+            rules.append("special")
         elif (view := new_tok.token_bytes[j]) and view in old_by_bytes:
-            rows[j] = [old_by_bytes[view]]
-            counts["exact"] += 1
-        elif view:
-            to_decompose.append(j)
+            pieces.append([old_by_bytes[view]])
+            rules.append("exact")
+        else:
+            pieces.append([])
+            rules.append("random")
+            if view:
+                to_decompose.append(len(pieces) - 1)
 
     # Rule 3: one batched call of the old tokenizer over every valid-UTF-8 segment.
-    segments = {j: _utf8_segments(new_tok.token_bytes[j]) for j in to_decompose}
+    wanted_ids = list(wanted)
+    segments = {k: _utf8_segments(new_tok.token_bytes[wanted_ids[k]]) for k in to_decompose}
     texts = sorted({s for segs in segments.values() for s in segs if isinstance(s, str)})
     encoded = dict(zip(texts, _encode_plain(old_tok, texts), strict=True)) if texts else {}
-    for j in to_decompose:
-        pieces: list[int] = []
-        for seg in segments[j]:
-            if isinstance(seg, str) and (ids := encoded[seg]) is not None:
-                pieces.extend(ids)
+    for k in to_decompose:
+        row: list[int] = []
+        for seg in segments[k]:
+            if isinstance(seg, str) and (found := encoded[seg]) is not None:
+                row.extend(found)
             elif isinstance(seg, int) and (one := old_by_bytes.get(bytes([seg]))) is not None:
-                pieces.append(one)
+                row.append(one)
             else:
-                pieces = []
+                row = []
                 break
-        if pieces and (old_unk is None or old_unk not in pieces):
-            rows[j] = pieces
-            counts["decomposed"] += 1
-    counts["random"] = new_tok.vocab_size - sum(counts[r] for r in FVT_RULES[:3])
+        if row and (old_unk is None or old_unk not in row):
+            pieces[k] = row
+            rules[k] = "decomposed"
+    return pieces, rules
+
+
+def fvt_matrix(
+    old_tok: ByteTokenizer, new_tok: ByteTokenizer
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """The FVT map from old to new ids as one sparse matrix (docs/method.md, "FVT initialisation").
+
+    Each new token's row averages the old rows of its :func:`fvt_pieces` (the rules are
+    documented there); a token without pieces (rule 4) has an all-zero row.
+
+    Returns:
+        ``(matrix, is_random, counts)``: ``matrix`` a coalesced sparse COO float32 tensor
+        (V_new, V_old) whose rows average old rows (all-zero for rule 4); ``is_random``
+        (V_new,) bool; ``counts`` per rule.
+    """
+    rows, rules = fvt_pieces(old_tok, new_tok)
+    counts = {rule: rules.count(rule) for rule in FVT_RULES}
 
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
     row_idx = torch.repeat_interleave(torch.arange(new_tok.vocab_size), lengths)
@@ -180,6 +215,22 @@ def fvt_matrix(
     return matrix, lengths == 0, counts
 
 
+@functools.lru_cache(maxsize=8)
+def _bytes_index(tok: ByteTokenizer) -> dict[bytes, int]:
+    """Byte view → id of ``tok``'s ordinary tokens, preferring them over ``<0xNN>`` pieces.
+
+    Cached per tokenizer object: the hypernetwork decomposes tokens every training step.
+    """
+    index: dict[bytes, int] = {}
+    specials = set(tok.special_ids.tolist())
+    for i, view in enumerate(tok.token_bytes):
+        if not view or i in specials:
+            continue
+        if view not in index or _is_byte_fallback(tok, index[view]):
+            index[view] = i
+    return index
+
+
 def _is_byte_fallback(tok: ByteTokenizer, idx: int) -> bool:
     hf = getattr(tok, "hf", None)
     if hf is None:
@@ -192,20 +243,100 @@ def _encode_plain(tok: ByteTokenizer, texts: list[str]) -> list[list[int] | None
     """Old-tokenizer ids of each text with no special tokens added (its whole pipeline).
 
     Special-token strings inside a text stay text (spec/ALM.md §2.3). A text whose byte
-    views the tokenizer cannot reproduce gives ``None`` (FVT then falls back to rule 4).
+    views the tokenizer cannot reproduce gives ``None`` (FVT then falls back to rule 4);
+    such texts are found by halving the batch, so a few of them cost a few more batched
+    calls, not one call per text.
     """
     from xtd.errors import ByteIdentityError
 
     try:
         return [enc.ids.tolist() for enc in tok.encode_batch(texts)]
     except ByteIdentityError:
-        out: list[list[int] | None] = []
-        for text in texts:
-            try:
-                out.append(tok.encode(text).ids.tolist())
-            except ByteIdentityError:
-                out.append(None)
-        return out
+        if len(texts) == 1:
+            return [None]
+        half = len(texts) // 2
+        return _encode_plain(tok, texts[:half]) + _encode_plain(tok, texts[half:])
+
+
+@dataclass(frozen=True)
+class EmbeddingLayout:
+    """How :func:`embedding_table` lays a model's embeddings side by side in one matrix.
+
+    Columns ``[0, H)`` hold the input embedding; ``[H, 2H)`` the output embedding when
+    ``separate_output``; the last column the output bias when ``output_bias``.
+    """
+
+    hidden_size: int
+    separate_output: bool
+    output_bias: bool
+
+    @property
+    def width(self) -> int:
+        """Number of columns: ``H``, ``2H``, plus one for a bias."""
+        return self.hidden_size * (2 if self.separate_output else 1) + int(self.output_bias)
+
+
+def embedding_table(
+    model: PreTrainedModel, rows: int | None = None, *, untie: bool = False
+) -> tuple[torch.Tensor, EmbeddingLayout]:
+    """Every embedding of ``model`` as one float32 matrix (a copy).
+
+    Args:
+        model: a causal LM.
+        rows: keep the first ``rows`` vocabulary rows (a tokenizer's size; models may
+            pad their matrices); ``None`` for all.
+        untie: lay a tied model out as untied (its input matrix twice), for
+            :func:`set_embedding_table` to untie it.
+
+    Returns:
+        ``(table, layout)``: ``table`` (V, layout.width) float32.
+    """
+    emb_in = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb_in.weight
+    rows = emb_in.weight.shape[0] if rows is None else rows
+    separate = head is not None and (not tied or untie)
+    bias = getattr(head, "bias", None) if head is not None else None
+    blocks = [emb_in.weight.detach()[:rows].float()]
+    if separate:
+        blocks.append(head.weight.detach()[:rows].float())
+    if bias is not None:
+        blocks.append(bias.detach()[:rows, None].float())
+    layout = EmbeddingLayout(hidden_size=emb_in.weight.shape[1], separate_output=separate, output_bias=bias is not None)
+    return torch.cat(blocks, dim=1), layout
+
+
+def set_embedding_table(
+    model: PreTrainedModel, table: torch.Tensor, layout: EmbeddingLayout, tok: ByteTokenizer
+) -> None:
+    """Give ``model`` the embeddings of ``table`` for the tokenizer ``tok``, in place.
+
+    The model is resized to ``table``'s rows (and untied first when ``layout`` has a
+    separate output matrix but the model is tied); ``config.vocab_size`` and the
+    bos/eos/pad ids follow ``tok``.
+
+    Args:
+        model: a causal LM.
+        table: (V, layout.width) rows laid out as :func:`embedding_table` does.
+        layout: the column layout of ``table``.
+        tok: the tokenizer the rows belong to (``V == tok.vocab_size``).
+    """
+    hidden = layout.hidden_size
+    dtype = model.get_input_embeddings().weight.dtype
+    if layout.separate_output and is_tied(model):
+        untie_embeddings(model)
+    model.resize_token_embeddings(table.shape[0], mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(table[:, :hidden].to(dtype))
+        col = hidden
+        out = model.get_output_embeddings()
+        if out is not None and layout.separate_output:
+            out.weight.copy_(table[:, col : col + hidden].to(dtype))
+            col += hidden
+        if out is not None and layout.output_bias and getattr(out, "bias", None) is not None:
+            out.bias.copy_(table[:, col].to(out.bias.dtype))
+    model.config.vocab_size = table.shape[0]
+    set_special_ids(model, tok)
 
 
 def fvt_init(
@@ -220,9 +351,10 @@ def fvt_init(
 
     Input and output embeddings (one matrix when tied; both when untied or ``untie``)
     and an output bias, if any, are initialised by the same rule: they are stacked as
-    columns of one (V_old, n·H) matrix and multiplied once by the sparse FVT matrix of
-    :func:`fvt_matrix`. Rule-4 rows are drawn from a normal with the old per-column mean
-    and std. ``config.vocab_size`` and the bos/eos/pad ids follow the new tokenizer.
+    columns of one (V_old, n·H) matrix (:func:`embedding_table`) and multiplied once by
+    the sparse FVT matrix of :func:`fvt_matrix`. Rule-4 rows are drawn from a normal with
+    the old per-column mean and std. ``config.vocab_size`` and the bos/eos/pad ids follow
+    the new tokenizer.
 
     Returns:
         Counts per rule (keys of :data:`FVT_RULES`).
@@ -230,26 +362,13 @@ def fvt_init(
     Raises:
         TokenizerError: ``old_tok`` has more ids than the model has embedding rows.
     """
-    emb_in = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if old_tok.vocab_size > emb_in.weight.shape[0]:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if old_tok.vocab_size > rows:
         raise TokenizerError(
             f"old tokenizer {old_tok.name!r} has {old_tok.vocab_size} ids but the model has "
-            f"{emb_in.weight.shape[0]} embedding rows; pass the model's own tokenizer"
+            f"{rows} embedding rows; pass the model's own tokenizer"
         )
-    tied = head is not None and head.weight is emb_in.weight
-    dtype = emb_in.weight.dtype
-    hidden = emb_in.weight.shape[1]
-    v_old = old_tok.vocab_size
-    blocks = [emb_in.weight.detach()[:v_old].float()]
-    if head is not None and not tied:
-        blocks.append(head.weight.detach()[:v_old].float())
-    elif head is not None and untie:
-        blocks.append(emb_in.weight.detach()[:v_old].float())
-    bias = getattr(head, "bias", None) if head is not None else None
-    if bias is not None:
-        blocks.append(bias.detach()[:v_old, None].float())
-    old = torch.cat(blocks, dim=1)  # (V_old, n·H [+1])
+    old, layout = embedding_table(model, old_tok.vocab_size, untie=untie)  # (V_old, n·H [+1])
 
     matrix, is_random, counts = fvt_matrix(old_tok, new_tok)
     new = torch.sparse.mm(matrix, old)  # (V_new, n·H [+1]) dense: one sparse matmul for every rule
@@ -259,24 +378,8 @@ def fvt_init(
         draws = torch.randn(int(is_random.sum()), old.shape[1], generator=gen) * std + mean
         new[is_random] = draws
 
-    v_new = new_tok.vocab_size
-    if untie and tied:
-        untie_embeddings(model)
-        tied = False
-        head = model.get_output_embeddings()
-    model.resize_token_embeddings(v_new, mean_resizing=False)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.copy_(new[:, :hidden].to(dtype))
-        col = hidden
-        out = model.get_output_embeddings()
-        if out is not None and not tied:
-            out.weight.copy_(new[:, col : col + hidden].to(dtype))
-            col += hidden
-        if out is not None and getattr(out, "bias", None) is not None:
-            out.bias.copy_(new[:, col].to(out.bias.dtype))
-    model.config.vocab_size = v_new
-    set_special_ids(model, new_tok)
-    logger.info("FVT init over %d new tokens: %s", v_new, ", ".join(f"{k} {v}" for k, v in counts.items()))
+    set_embedding_table(model, new, layout, new_tok)
+    logger.info("FVT init over %d new tokens: %s", new_tok.vocab_size, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
 
 

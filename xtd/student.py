@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,8 @@ __all__ = [
     "model_tokenizer",
     "find_lora_targets",
     "save_student",
+    "write_folder",
+    "check_out_folder",
 ]
 
 _TOKENIZER_FILES = (
@@ -429,8 +432,12 @@ def _card_text(student: Student, card: dict[str, Any], model_type: str) -> str:
         f"`{student.tokenizer.digest}`)",
     ]
     if student.original_tokenizer is not None and student.tokenizer_changed:
-        counts = ", ".join(f"{r} {student.init_report.get(r, 0)}" for r in FVT_RULES)
-        lines.append(f"- moved from `{student.original_tokenizer.name}` by FVT: {counts}")
+        # init_report["init"] names another initialisation (e.g. a hypernetwork) and
+        # init_report["init_rules"] its count keys; FVT's otherwise.
+        rules = student.init_report.get("init_rules", FVT_RULES)
+        counts = ", ".join(f"{r} {student.init_report.get(r, 0)}" for r in rules)
+        how = student.init_report.get("init", "FVT")
+        lines.append(f"- moved from `{student.original_tokenizer.name}` by {how}: {counts}")
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     for key in sorted(card):
         value = card[key]
@@ -449,6 +456,52 @@ def _card_text(student: Student, card: dict[str, Any], model_type: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def check_out_folder(out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """``out_dir`` as a Path, after checking that it may be written.
+
+    Raises:
+        ConfigError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"output folder {str(out)!r} exists and is not empty; pass --overwrite or choose another --out")
+    return out
+
+
+def write_folder(
+    out_dir: str | os.PathLike[str], fill: Callable[[Path], None], *, overwrite: bool = False
+) -> Path:
+    """Create a folder whole or not at all: ``fill`` writes into a temporary sibling, then a rename.
+
+    Args:
+        out_dir: the folder to create.
+        fill: writes the files, given the temporary folder.
+        overwrite: replace an existing non-empty ``out_dir``.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        ConfigError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
+    """
+    out = check_out_folder(out_dir, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fill(staging)
+        staging.chmod(0o755)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            out.rename(trash / "old")
+            staging.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def save_student(
@@ -475,27 +528,14 @@ def save_student(
     Raises:
         ConfigError: ``out_dir`` exists, is not empty and ``overwrite`` is False.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"output folder {str(out)!r} exists and is not empty; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = _merged_model(student.model)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    def fill(staging: Path) -> None:
+        model = _merged_model(student.model)
         model.save_pretrained(staging)
         student.tokenizer.save(staging)
         (staging / "README.md").write_text(_card_text(student, card, model.config.model_type))
         sidecar = {"card": card, "init_report": student.init_report}
         (staging / "xtd_student.json").write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-        staging.chmod(0o755)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            out.rename(trash / "old")
-            staging.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    out = write_folder(out_dir, fill, overwrite=overwrite)
     logger.info("saved student to %s", out)
     return out

@@ -54,11 +54,12 @@ def _funnel(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """``@command("name", epilog=EXAMPLES)``: register a verb on :data:`app` behind the error funnel."""
+def command(*args: Any, group: typer.Typer | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """``@command("name", epilog=EXAMPLES)``: register a verb on :data:`app` (or on the
+    sub-command ``group``, e.g. ``xtd hypernet``) behind the error funnel."""
 
     def decorate(func: F) -> F:
-        app.command(*args, **kwargs)(_funnel(func))
+        (group or app).command(*args, **kwargs)(_funnel(func))
         return func
 
     return decorate

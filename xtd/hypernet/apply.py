@@ -1,0 +1,99 @@
+"""Zero-shot tokenizer transfer: the base model with hypernetwork-predicted embeddings.
+
+:func:`apply_hypernet` (``xtd hypernet apply``) loads a saved hypernetwork and its base
+model, predicts the embedding row of every token of the target tokenizer
+(:meth:`~xtd.hypernet.model.HypernetBundle.predict`), puts them into the base model
+(:func:`xtd.fvt.set_embedding_table`, the surgery FVT uses) and saves a Hugging Face
+folder with :func:`xtd.student.save_student`, like ``xtd train``'s output.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from xtd.errors import ConfigError
+from xtd.hypernet.config import HypernetApplyConfig
+from xtd.hypernet.decomposition import DECOMPOSITION_RULES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ApplyResult", "apply_hypernet"]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``xtd hypernet apply`` wrote.
+
+    Attributes:
+        out: the Hugging Face model folder.
+        vocab_size: ids of the target tokenizer.
+        counts: target tokens per decomposition rule, and ``truncated``.
+    """
+
+    out: Path
+    vocab_size: int
+    counts: dict[str, int]
+
+
+def apply_hypernet(
+    config: HypernetApplyConfig, *, progress: Callable[[int, int], None] | None = None
+) -> ApplyResult:
+    """Move the hypernetwork's base model to ``config.tokenizer`` zero-shot and save it.
+
+    Args:
+        config: the settings (:class:`~xtd.hypernet.config.HypernetApplyConfig`).
+        progress: called with (tokens embedded, tokens in total).
+
+    Returns:
+        The :class:`ApplyResult`.
+
+    Raises:
+        ConfigError: a non-empty ``--out`` without ``--overwrite``, or a bad ``--device``.
+        ModelLoadError, TokenizerError: the hypernetwork, base model or tokenizer cannot
+            be loaded.
+    """
+    from xtd.fvt import is_tied, set_embedding_table
+    from xtd.hypernet.model import load_hypernet, read_hypernet_record
+    from xtd.student import Student, check_out_folder, save_student
+    from xtd.tokenization import load_tokenizer
+
+    out = check_out_folder(config.out, overwrite=config.overwrite)
+    device = _device(config.device)
+    read_hypernet_record(config.hypernet)  # a wrong folder fails before anything loads
+    target = load_tokenizer(config.tokenizer)
+    bundle = load_hypernet(config.hypernet)
+    bundle.hypernet.to(device)
+    rows, decomposition = bundle.predict(target, batch_tokens=config.batch_tokens, progress=progress)
+    model = bundle.model
+    set_embedding_table(model, rows.cpu(), bundle.layout, target)
+    counts = dict(decomposition.counts)
+    report = {
+        "source": str(bundle.base_model),
+        "init": f"the hypernetwork {config.hypernet}",
+        "init_rules": [*DECOMPOSITION_RULES, "byte_rows", "truncated"],
+        "tokenizer_changed": True,
+        "tokenizer": target.name,
+        "tied": is_tied(model),
+        **counts,
+    }
+    student = Student(model=model, tokenizer=target, original_tokenizer=bundle.tokenizer, init_report=report)
+    card = {**config.to_dict(), "base_model": bundle.base_model, "method": "zero-shot transfer by hypernetwork"}
+    saved = save_student(student, out, card=card, overwrite=config.overwrite)
+    logger.info("moved %s to %s with hypernetwork %s: %s", bundle.base_model, target.name, config.hypernet, counts)
+    return ApplyResult(out=saved, vocab_size=target.vocab_size, counts=counts)
+
+
+def _device(spec: str | None) -> torch.device:
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", spec):
+        raise ConfigError(f"--device must be cpu, cuda, cuda:N or mps, not {spec!r}")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec} was given but no CUDA device is available; use --device cpu")
+    return torch.device(spec)
