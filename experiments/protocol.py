@@ -125,7 +125,7 @@ def _one_run(
     settings = method.for_target(target)
     config = TrainConfig(
         store=(store,), student=student, tokenizer=target.tokenizer, out=str(out), lr=lr, seed=seed,
-        max_steps=target.steps, warmup_steps=max(1, target.steps // 10), batch_size=target.batch_size,
+        max_steps=target.steps, warmup_steps=target.steps // 10, batch_size=target.batch_size,
         max_student_length=target.max_length, checkpoint_every=0, keep_checkpoints=0, overwrite=True,
         log_every=target.eval_every, eval_text=specs, eval_every=target.eval_every,
         eval_max_length=target.max_length, **{**target.settings, **settings},
