@@ -119,9 +119,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += [f"## {SETTING_TITLES.get(key, key)}", "", f"Produced by `{setting.get('command', '')}` in "
                 f"{setting.get('minutes', '?')} min ({_machine(setting)}). {setting.get('description', '')}.", ""]
         facts = [f"{k} {teacher[k]:,}" if isinstance(teacher[k], int) else f"{k} {teacher[k]}"
-                 for k in ("parameters", "train_tokens", "tokens_per_parameter") if k in teacher]
+                 for k in ("name", "parameters", "train_tokens", "tokens_per_parameter", "epochs") if k in teacher]
         if facts:
             out += ["Teacher: " + ", ".join(facts).replace("_", " ") + ".", ""]
+        data = setting.get("data") or {}
+        if data:
+            out += ["Texts (bytes): " + ", ".join(f"{k} {v['texts']} ({v['bytes']:,})" for k, v in data.items()) + ".", ""]
         size = setting.get("size") or {}
         out += [f"Seeds per cell: {setting['protocol']['seeds']} (mean ± sample standard deviation); "
                 f"lr grid {', '.join(f'{lr:g}' for lr in setting['protocol']['lrs'])} chosen on "
@@ -140,6 +143,12 @@ def render_markdown(results: dict[str, Any]) -> str:
                 out += ["Diagnostics on the in-domain held-out text (seed 0; merged groups as the ALM loss "
                         "compares them; gap in nats, negative = the student finds the text less likely than "
                         "the teacher does):", ""] + diag + [""]
+        probe = setting.get("byte_probe")
+        if probe:
+            out += [f"Byte target (not trained here): the paper's byte recipe ({probe['losses']}, untied, full "
+                    f"fine-tuning) ran {probe['seconds_per_step']} s per step of {probe['byte_tokens_per_step']:,} "
+                    f"bytes ({probe['tokens_per_s']} bytes/s), measured over {probe['steps']} steps; "
+                    "`make experiment-gpu` runs bytes.", ""]
         if setting.get("notes"):
             out += [setting["notes"], ""]
     return "\n".join(out) + "\n"
