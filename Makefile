@@ -75,4 +75,4 @@ lint: setup  ## ruff
 	$(VENV)/bin/ruff check xtd tests bench experiments
 
 clean:  ## remove runs, caches and the venv
-	rm -rf $(VENV) runs .pytest_cache build *.egg-info
+	rm -rf $(VENV) runs results/experiment-work .pytest_cache build *.egg-info

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render_markdown", "plot_setting", "write_all"]
+__all__ = ["render_markdown", "compact_table", "plot_setting", "write_all"]
 
 SET_TITLES = {
     "validation": "validation (picks the lr)",
@@ -68,6 +68,20 @@ def _target_table(setting: dict[str, Any], name: str, target: dict[str, Any]) ->
             + " | ".join(_cell(summary["bits_per_byte"][s]) for s in sets) + " | "
             + " | ".join(_pct(summary["gap_closed"][s]) for s in sets) + " |"
         )
+    return lines
+
+
+def compact_table(setting: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """One line per method: bits per byte (mean ± std) and, in brackets, the gap closed."""
+    sets = _test_sets(setting)
+    teacher = setting["teacher"]["bits_per_byte"]
+    lines = ["| method | lr | " + " | ".join(SET_TITLES.get(s, s) for s in sets) + " |", "|---|---|" + "---|" * len(sets)]
+    lines.append("| teacher | | " + " | ".join(f"{teacher[s]:.4f}" for s in sets) + " |")
+    lines.append("| FVT initialisation | | " + " | ".join(f"{target['fvt'][s]:.4f}" for s in sets) + " |")
+    for method, result in target["methods"].items():
+        summary = result["summary"]
+        cells = [f"{_cell(summary['bits_per_byte'][s])} ({_pct(summary['gap_closed'][s]).split(' ')[0]})" for s in sets]
+        lines.append(f"| {method} | {result['lr']:g} | " + " | ".join(cells) + " |")
     return lines
 
 
