@@ -16,10 +16,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast demo bench experiment lint clean
+.PHONY: help setup test test-fast demo bench experiment experiment-smollm2 experiment-gpu lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install xtd, torch (CPU) and the offline assets
 
@@ -58,11 +58,21 @@ demo: setup  ## install, then distil SmolLM2 into a GPT-2-tokenizer student and 
 bench: setup  ## run every benchmark; writes results/bench.json and results/bench.md
 	$(PY) bench/run_all.py
 
-experiment: setup  ## miniature of the paper's Table 1 (≈ 24 min); QUICK=1 for the ≈ 1 min size
-	$(PY) experiments/table1.py --out results $(if $(QUICK),--quick,)
+# Table 1 in the paper's setting (experiments/): each target writes its setting into
+# results/experiment.json, then regenerates results/experiment.md and the plots.
+# QUICK=1 is the CI size of setting A; it writes to runs/experiment-quick, not results/.
+experiment: setup  ## Table 1, setting A: tiny teacher, 7 methods, 2 targets (≤ 60 min); QUICK=1: ≤ 5 min
+	$(PY) experiments/table1.py $(if $(QUICK),--quick --out runs/experiment-quick,--out results)
+
+experiment-smollm2: setup  ## Table 1, setting B: SmolLM2 → GPT-2 tokenizer, LoRA, KJV (≤ 60 min)
+	$(PY) experiments/smollm2.py --out results
+
+GPU_OUT ?= runs/gpu
+experiment-gpu: setup  ## full-size recipe for one GPU (Gemma2-2B → Qwen2/bytes); DRY_RUN=1 prints the commands
+	$(PY) experiments/gpu_recipe.py --out $(GPU_OUT) $(if $(DRY_RUN),--dry-run,)
 
 lint: setup  ## ruff
-	$(VENV)/bin/ruff check xtd tests bench
+	$(VENV)/bin/ruff check xtd tests bench experiments
 
 clean:  ## remove runs, caches and the venv
-	rm -rf $(VENV) runs .pytest_cache build *.egg-info
+	rm -rf $(VENV) runs results/experiment-work .pytest_cache build *.egg-info

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -383,3 +384,58 @@ def test_every_loss_trains_a_few_steps(
         # only if the teacher rows line up with the student's tokens row for row.
         assert abs(result.history[0]["kd"]) < 1e-3
         assert result.history[0]["alm_binary_kl"] < 1e-6
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+
+def test_eval_text_logs_learning_curves_scored_like_xtd_eval(tiny_store: Path, tiny_lm_b: Path, tmp_path: Path) -> None:
+    from xtd.evaluate import bits_per_byte
+    from xtd.student import load_causal_lm, model_tokenizer
+
+    held = tmp_path / "held.txt"
+    held.write_text("To be, or not to be, that is the question.\n" * 6)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"text": "In the beginning God created"}\n{"text": "the heaven and the earth."}\n')
+    config = _config(
+        tiny_store, tiny_lm_b, tmp_path / "run", losses="alm+sft", max_steps=5, eval_every=2, eval_max_length=16,
+        eval_text=(f"held={held}", str(samples)),
+    )
+    result = train(config)
+    records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "eval_held_bits_per_byte" in r}
+    assert sorted(scored) == [2, 4, 5]  # every 2 steps and after the last
+    assert all("eval_samples_bits_per_byte" in r for r in scored.values())
+    assert [r["step"] for r in result.history if "eval_held_bits_per_byte" in r] == [2, 4, 5]
+    # The last value is the saved model's bits per byte, scored as xtd eval scores it.
+    model, tok = load_causal_lm(str(result.out)), model_tokenizer(str(result.out))
+    final = bits_per_byte(model, tok, [held.read_text()], max_length=16, stride=8).bits_per_byte
+    assert scored[5]["eval_held_bits_per_byte"] == pytest.approx(final, rel=1e-5)
+    assert scored[2]["eval_held_bits_per_byte"] != scored[5]["eval_held_bits_per_byte"]  # the model moved
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"eval_every": 3}, "--eval-every needs at least one --eval-text"),
+        ({"eval_text": ("a=x.txt", "a=y.txt")}, "names a set twice"),
+        ({"eval_text": ("bad name=x.txt",)}, "must be NAME=FILE"),
+        ({"eval_text": ("x.txt",), "eval_max_length": 1}, "--eval-max-length (1)"),
+    ],
+)
+def test_eval_flags_are_validated(kwargs: dict, phrase: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(phrase)):
+        TrainConfig(store=("s",), out="o", **kwargs)
+
+
+def test_a_missing_eval_file_fails_before_training(tiny_store: Path, tiny_lm_b: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from xtd.cli import app
+
+    out = tmp_path / "run"
+    args = ["train", "--store", str(tiny_store), "--student", str(tiny_lm_b), "--out", str(out), "--max-steps", "2",
+            "--lora-rank", "0", "--eval-text", f"held={tmp_path / 'none.txt'}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+    assert not (out / "metrics.jsonl").exists()

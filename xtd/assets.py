@@ -31,6 +31,7 @@ __all__ = [
     "shakespeare_paths",
     "kjv_path",
     "iter_embedded_corpus",
+    "python_reference_paragraphs",
     "embedded_teacher_dir",
     "DEFAULT_TEACHER",
     "DEFAULT_CORPUS",
@@ -131,6 +132,24 @@ def iter_embedded_corpus() -> Iterator[dict[str, str]]:
             chapter.append(str(verse.get("text", "")).strip())
     if chapter and key is not None:
         yield {"id": f"kjv/{key[0]}/{key[1]}", "text": "\n".join(chapter) + "\n"}
+
+
+def python_reference_paragraphs(min_chars: int = 80) -> list[str]:
+    """Modern English prose that ships with every CPython: the Python Language Reference topics.
+
+    ``pydoc_data.topics`` (the text behind ``help("assignment")``) holds 79 topics of the
+    reference manual, about 460 KB. This returns their prose paragraphs in topic order:
+    blank-line separated blocks that do not start with whitespace (code and grammar are
+    indented) and have at least ``min_chars`` characters, each with its line breaks.
+    """
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            if len(block) >= min_chars and not block[:1].isspace() and not set(block.splitlines()[-1]) <= set("*=-"):
+                out.append(block.strip("\n") + "\n")
+    return out
 
 
 def _split_markdown_sections(text: str) -> list[str]:

@@ -49,7 +49,8 @@ __all__ = [
 CHECKPOINT_DIR = "checkpoints"
 # Settings that may change between a run and its --resume without changing the maths.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device", "max_steps"}
+    {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device", "max_steps",
+     "eval_text", "eval_every", "eval_max_length"}
 )
 
 

@@ -17,7 +17,7 @@ from typing import Any, Self
 from xtd.errors import ConfigError
 from xtd.tokenization import BOUNDARY_CLASSES
 
-__all__ = ["ConfigBase", "flag"]
+__all__ = ["ConfigBase", "flag", "parse_eval_text"]
 
 
 def flag(field_name: str) -> str:
@@ -85,6 +85,24 @@ class ConfigBase:
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def parse_eval_text(spec: str) -> tuple[str, str]:
+    """An evaluation-set flag value: ``NAME=FILE`` → (NAME, FILE); a bare ``FILE`` is named
+    after its stem.
+
+    Raises:
+        ConfigError: an empty file part or a name outside ``[A-Za-z0-9_.-]``.
+    """
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec).stem, spec
+    name, path = name.strip(), path.strip()
+    if not path or not name or not all(c.isascii() and (c.isalnum() or c in "_.-") for c in name):
+        raise ConfigError(
+            f"{flag('eval_text')} {spec!r} must be NAME=FILE (NAME of letters, digits, '_', '.', '-') or a FILE"
+        )
+    return name, path
 
 
 # Each command's config class follows, in its own section, named <Verb>Config and
@@ -208,11 +226,18 @@ class TrainConfig(ConfigBase):
     """``cpu``, ``cuda`` or ``cuda:N``; default: CUDA when present (the local rank's GPU under torchrun)."""
     num_workers: int = 0
     """DataLoader worker processes for tokenisation and alignment (0: in the main process)."""
+    eval_text: tuple[str, ...] = ()
+    """Evaluation sets ``NAME=FILE`` (.txt or .jsonl): bits per byte of each in metrics.jsonl."""
+    eval_every: int = 0
+    """Score the --eval-text sets every N steps (0: after the last step only)."""
+    eval_max_length: int | None = None
+    """Student tokens per scoring window of --eval-text (default: --max-student-length)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if isinstance(self.store, str):  # a single path given as a string
-            object.__setattr__(self, "store", (self.store,))
+        for name in ("store", "eval_text"):
+            if isinstance(getattr(self, name), str):  # a single value given as a string
+                object.__setattr__(self, name, (getattr(self, name),))
         if not self.store:
             problems.append(f"{flag('store')} needs at least one teacher store")
         if not self.out:
@@ -273,8 +298,27 @@ class TrainConfig(ConfigBase):
                 )
         if self.resume and self.overwrite:
             problems.append(f"{flag('resume')} and {flag('overwrite')} exclude each other; pick one")
+        problems.extend(self._eval_problems())
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _eval_problems(self) -> list[str]:
+        problems: list[str] = []
+        names = []
+        for spec in self.eval_text:
+            try:
+                names.append(parse_eval_text(spec)[0])
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if len(set(names)) != len(names):
+            problems.append(f"{flag('eval_text')} names a set twice; give each set its own NAME=FILE")
+        if self.eval_every < 0:
+            problems.append(f"{flag('eval_every')} ({self.eval_every}) must be ≥ 0")
+        elif self.eval_every and not self.eval_text:
+            problems.append(f"{flag('eval_every')} needs at least one {flag('eval_text')} NAME=FILE")
+        if self.eval_max_length is not None and self.eval_max_length < 2:
+            problems.append(f"{flag('eval_max_length')} ({self.eval_max_length}) must be ≥ 2")
+        return problems
 
     def loss_names(self) -> tuple[str, ...]:
         """The losses as a tuple in the order given, validated (no unknown or repeated names)."""
@@ -355,11 +399,35 @@ class EvalConfig(ConfigBase):
     """Model dtype: float32, bfloat16, float16 or auto."""
     device: str = "auto"
     """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when present."""
+    sample_from: str | None = None
+    """Teacher whose seeded samples (temperature 1) become the text to score: a student's
+    bits per byte on them is the teacher's entropy plus KL(teacher ‖ student) per byte."""
+    num_samples: int = 32
+    """Teacher samples to draw (--sample-from)."""
+    sample_tokens: int = 256
+    """Token budget of each teacher sample (it stops earlier at EOS)."""
+    sample_seed: int = 0
+    """Seed of the teacher samples: same teacher, prompts and seed → the same file."""
+    prompts: str | None = None
+    """Prompts the samples continue (cycled): .txt (one per line) or .jsonl (field ``text``); default none."""
+    samples_out: str | None = None
+    """Write the teacher samples here as JSON lines (``--text`` scores the file later)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if not self.model and not self.ensemble:
-            problems.append(f"nothing to evaluate: pass {flag('model')} or {flag('ensemble')}")
+        if not self.model and not self.ensemble and not (self.sample_from and self.samples_out):
+            problems.append(
+                f"nothing to evaluate: pass {flag('model')} or {flag('ensemble')} (or {flag('sample_from')} "
+                f"with {flag('samples_out')} to only write teacher samples)"
+            )
+        if self.sample_from is not None:
+            if self.text is not None or self.held_out is not None:
+                problems.append(f"{flag('sample_from')} makes the text to score: drop {flag('text')}/{flag('held_out')}")
+            for name in ("num_samples", "sample_tokens"):
+                if getattr(self, name) < 1:
+                    problems.append(f"{flag(name)} ({getattr(self, name)}) must be at least 1")
+        elif self.prompts is not None or self.samples_out is not None:
+            problems.append(f"{flag('prompts')} and {flag('samples_out')} need {flag('sample_from')} TEACHER")
         if len(self.tokenizer) not in (0, 1, len(self.model)) or (len(self.tokenizer) > 1 and not self.model):
             problems.append(
                 f"{flag('tokenizer')} given {len(self.tokenizer)} times for {len(self.model)} "
@@ -374,7 +442,7 @@ class EvalConfig(ConfigBase):
         for group in self.ensemble:
             if len([m for m in group.split(",") if m.strip()]) < 2:
                 problems.append(f"{flag('ensemble')} {group!r} must list at least two models, comma-separated")
-        if self.ensemble and self.text is None and self.held_out_documents() is None:
+        if self.ensemble and self.text is None and self.held_out_documents() is None and self.sample_from is None:
             problems.append(f"{flag('ensemble')} scores text: pass {flag('text')} or {flag('held_out')}")
         bad = [c for c in self.combine if c not in EVAL_COMBINE_RULES]
         if bad or not self.combine:
@@ -396,7 +464,7 @@ class EvalConfig(ConfigBase):
         """How many held-out documents to score, or None (score --text, or only run --task)."""
         if self.held_out is not None:
             return self.held_out
-        if self.text is None and self.task is None:
+        if self.text is None and self.task is None and self.sample_from is None:
             return EVAL_DEFAULT_HELD_OUT
         return None
 

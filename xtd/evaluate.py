@@ -592,12 +592,16 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None) -> list[Ev
     Raises:
         DataError, ConfigError, ModelLoadError, TokenizerError: bad input, one line each.
     """
+    tasks = read_tasks(config.task) if config.task is not None else None
     texts: list[str] | None = None
-    if config.text is not None:
+    if config.sample_from is not None:  # the teacher's samples are the text (xtd.sampling)
+        from xtd.sampling import teacher_samples
+
+        texts = [record["text"] for record in teacher_samples(config, progress=progress)]
+    elif config.text is not None:
         texts = read_texts(config.text)
     elif config.held_out_documents() is not None:
         texts = held_out_texts(config.held_out_documents())  # type: ignore[arg-type]
-    tasks = read_tasks(config.task) if config.task is not None else None
 
     rows: list[EvalRow] = []
     for i, spec in enumerate(config.model):

@@ -11,7 +11,6 @@ Dimension letters: ``B`` texts, ``S`` student tokens, ``T`` teacher rows, ``V`` 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from xtd.errors import ConfigError, TokenizerMismatchError
 __all__ = [
     "LossSetup",
     "compute_losses",
+    "student_forward",
     "combine_terms",
     "trainable_last_block",
     "latents_projection",
@@ -80,17 +80,10 @@ def compute_losses(
     from xtd import losses as L
 
     names = setup.names
-    device_type = batch["input_ids"].device.type
-    autocast = (
-        torch.autocast(device_type, dtype=torch.bfloat16) if setup.amp and device_type == "cuda" else nullcontext()
-    )
-    with autocast:
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"].long(),
-            output_hidden_states="latents" in names,
-        )
-    logits = out.logits  # (B, S, V'); the losses compute in fp32 (spec §4.1)
+    amp = setup.amp and batch["input_ids"].device.type == "cuda"
+    logits, hidden_states = student_forward(
+        model, batch, autocast_dtype=torch.bfloat16 if amp else None, output_hidden_states="latents" in names
+    )  # (B, S, V') float32 under autocast (docs/method.md, "Scoring a chunk": losses see fp32 logits)
     vocab = int(setup.student_boundary_mask.numel())
     ids = batch["input_ids"]
     terms: dict[str, torch.Tensor] = {}
@@ -153,7 +146,7 @@ def compute_losses(
         )
     if "latents" in names:
         terms["latents"] = L.latents_loss(
-            out.hidden_states[-1],
+            hidden_states[-1],
             batch["teacher_hidden"],
             targets,
             projection=setup.latents_projection,
@@ -161,6 +154,58 @@ def compute_losses(
             chunks=chunks,
         )
     return terms, stats
+
+
+def student_forward(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    output_hidden_states: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The student's logits (and hidden states) for one micro-batch.
+
+    Without ``autocast_dtype`` this is the model's own forward. With it, the transformer
+    body runs under autocast and the output layer runs outside it on the float32 final
+    hidden states, so ℓ^S and σ^S come from float32 logits as the method requires
+    (a bf16 output layer would round every logit to 8 bits of mantissa before the
+    softmax). Models whose logits the body-plus-head split would not reproduce (a final
+    soft-cap or logit scale, or no ``base_model_prefix`` body) run whole under autocast
+    and their logits are cast to float32.
+
+    Args:
+        model: a causal LM, or a ``peft`` model around one.
+        batch: ``input_ids`` (B, S) and ``attention_mask`` (B, S).
+        autocast_dtype: e.g. ``torch.bfloat16``; None runs without autocast.
+        output_hidden_states: also return the per-layer hidden states (latents loss).
+
+    Returns:
+        ``(logits, hidden_states)``: (B, S, V') logits (float32 under autocast) and the
+        hidden-state tuple or None.
+    """
+    kwargs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"].long(),
+        "output_hidden_states": output_hidden_states,
+    }
+    if autocast_dtype is None:
+        out = model(**kwargs)
+        return out.logits, out.hidden_states
+    device_type = batch["input_ids"].device.type
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, getattr(base, "base_model_prefix", "") or "_no_body", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    post_processed = any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+    if body is None or head is None or post_processed:
+        with torch.autocast(device_type, dtype=autocast_dtype):
+            out = model(**kwargs)
+        return out.logits.float(), out.hidden_states
+    with torch.autocast(device_type, dtype=autocast_dtype):
+        out = body(**kwargs, use_cache=False)
+    with torch.autocast(device_type, enabled=False):
+        logits = head(out.last_hidden_state.float())  # (B, S, V') float32
+    return logits, out.hidden_states
 
 
 def _is_number(value: Any) -> bool:

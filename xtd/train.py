@@ -268,7 +268,7 @@ def train(config: TrainConfig, *, progress: Callable[[dict[str, Any]], None] | N
     Args:
         config: every setting (see :class:`xtd.config.TrainConfig`).
         progress: called on the main rank after every step with the metrics record
-            (``step``, ``max_steps``, ``loss`` and each term, ``lr``, ``tokens_per_s``, ``eta_s``).
+            (``step``, ``loss`` and each term, ``lr``, ``tokens_per_s``, ``eta_s``, ``eval_*``).
 
     Returns:
         A :class:`TrainResult`.
@@ -285,6 +285,7 @@ def train(config: TrainConfig, *, progress: Callable[[dict[str, Any]], None] | N
 
 
 def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+    from xtd.eval_sets import TrainEvaluator
     from xtd.storage import open_store
     from xtd.student import load_student, model_tokenizer
     from xtd.tokenization import load_tokenizer
@@ -299,6 +300,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         load_tokenizer(config.tokenizer) if config.tokenizer else model_tokenizer(config.model_config or config.student)
     )
     check_inputs(config, readers, student_tokenizer)
+    evaluator = TrainEvaluator.from_config(config, student_tokenizer) if ctx.main else None  # learning curves
 
     # 2. The run folder: fresh, resumed or overwritten.
     checkpoint = latest_checkpoint(out) if config.resume else None
@@ -307,7 +309,9 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     ctx.barrier()
 
     # 3. The student (seeded, so a resumed run rebuilds the same frozen weights).
-    _seed_everything(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
     student = load_student(
         None if config.model_config else config.student,
         tokenizer=student_tokenizer,
@@ -442,7 +446,8 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         totals = dict(zip(names, ctx.sum([totals[n] for n in names]), strict=True))
         extra = _reduce_stats(stats_list, ctx)
         extra.update({f"gradmag_{k}": v for k, v in _reduce_stats(gradmag_list, None).items()})
-        step_time = time.perf_counter() - t0
+        step_time = time.perf_counter() - t0  # evaluation below is not part of the step
+        extra.update(evaluator(step + 1, model) if evaluator is not None else {})
         run_steps += 1
         counters["tokens"] += int(tokens)
         counters["documents"] += int(documents)
@@ -548,12 +553,6 @@ def _pieces(config: TrainConfig, readers: list[Any], student_tokenizer: Any) -> 
             texts,
         )
     return pieces
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _prepare_run_folder(out: Path, config: TrainConfig) -> None:

@@ -25,6 +25,11 @@ EXAMPLES = """
   Score a file in 512-token windows and print JSON:
     [cyan]xtd eval --model runs/student --text notes.jsonl --max-length 512 --stride 256 --json[/]
 
+  How close is a student to its teacher? Score both on 64 seeded teacher samples;
+  the student's excess bits/byte over the teacher's is KL(teacher ‖ student) per byte:
+    [cyan]xtd eval --sample-from embedded:smollm2 --num-samples 64 --samples-out s.jsonl -m embedded:smollm2 -m runs/demo[/]
+    [cyan]xtd eval --model runs/other-student --text s.jsonl[/]
+
   Ensemble two students that share a tokenizer, plus exact match on a task file:
     [cyan]xtd eval --ensemble runs/a,runs/b --held-out 4[/]
     [cyan]xtd eval --model runs/a --task qa.jsonl --max-new-tokens 16[/]
@@ -106,12 +111,27 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = EvalConfig.batch_size,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = EvalConfig.dtype,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = EvalConfig.device,
+    sample_from: Annotated[
+        str | None,
+        typer.Option(help="Teacher to sample from (temperature 1, seeded); its samples are the text to score."),
+    ] = EvalConfig.sample_from,
+    num_samples: Annotated[int, typer.Option(help="Teacher samples to draw.")] = EvalConfig.num_samples,
+    sample_tokens: Annotated[int, typer.Option(help="Token budget per teacher sample.")] = EvalConfig.sample_tokens,
+    sample_seed: Annotated[
+        int, typer.Option(help="Seed: same teacher, prompts and seed give the same samples.")
+    ] = EvalConfig.sample_seed,
+    prompts: Annotated[
+        str | None, typer.Option(help="Prompts the samples continue: .txt (one per line) or .jsonl.")
+    ] = EvalConfig.prompts,
+    samples_out: Annotated[
+        str | None, typer.Option(help="Write the teacher samples here (JSON lines; --text scores it later).")
+    ] = EvalConfig.samples_out,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
 ) -> None:
     """Bits per byte (tokenizer-independent) and token perplexity of models on held-out text."""
     from transformers.utils import logging as hf_logging
 
-    from xtd.console import progress_bar, results
+    from xtd.console import console, progress_bar, results
     from xtd.evaluate import evaluate
 
     hf_logging.disable_progress_bar()  # our own bar is the one progress display
@@ -130,6 +150,12 @@ def eval_command(
         batch_size=batch_size,
         dtype=dtype,
         device=device,
+        sample_from=sample_from,
+        num_samples=num_samples,
+        sample_tokens=sample_tokens,
+        sample_seed=sample_seed,
+        prompts=prompts,
+        samples_out=samples_out,
     )
     with progress_bar() as bar:
         tasks: dict[str, Any] = {}
@@ -140,6 +166,10 @@ def eval_command(
             bar.update(tasks[description], advance=advance)
 
         rows = [row.to_dict() for row in evaluate(config, progress=progress)]
+    if config.samples_out is not None:
+        console.print(f"wrote {config.num_samples} teacher samples of {config.sample_from} to {config.samples_out}")
+    if not rows:
+        return
     if as_json:
         clean = [{k: _finite(v) for k, v in row.items()} for row in rows]
         typer.echo(json.dumps({"results": clean, "config": config.to_dict()}, indent=2))

@@ -20,6 +20,9 @@ EXAMPLES = """
   # a byte-level student, full fine-tuning, resumed after an interruption
   xtd train --store runs/teacher --tokenizer bytes --lora-rank 0 --losses alm+sft --out runs/bytes --resume
 
+  # learning curves: bits per byte on two held-out files every 50 steps, into metrics.jsonl
+  xtd train --store runs/teacher --tokenizer embedded:gpt2 --out runs/s --eval-text kjv=heldout.txt --eval-text samples=samples.jsonl --eval-every 50
+
   # two GPUs, two stores mixed
   torchrun --nproc-per-node 2 -m xtd train --store a.zarr --store b.zarr --out runs/s --batch-size 64 --micro-batch-size 8
 """
@@ -98,6 +101,16 @@ def train_command(
     num_workers: Annotated[int, typer.Option(help="DataLoader workers for tokenisation and alignment.")] = _default(
         "num_workers"
     ),
+    eval_text: Annotated[
+        list[str] | None,
+        typer.Option(help="Evaluation set NAME=FILE (.txt/.jsonl), repeatable: bits/byte in metrics.jsonl."),
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Score the --eval-text sets every N steps (0: after the last step only).")
+    ] = _default("eval_every"),
+    eval_max_length: Annotated[
+        int | None, typer.Option(help="Tokens per scoring window (default: --max-student-length).")
+    ] = _default("eval_max_length"),
 ) -> None:
     """Train a student of any tokenizer from teacher shards (no teacher in memory).
 
@@ -149,6 +162,9 @@ def train_command(
         amp=amp,
         device=device,
         num_workers=num_workers,
+        eval_text=tuple(eval_text or ()),
+        eval_every=eval_every,
+        eval_max_length=eval_max_length,
     )
     names = config.loss_names()
     with progress_bar(TextColumn("{task.fields[info]}")) as progress:
