@@ -162,4 +162,7 @@ def train_command(
             )
 
         result = train(config, progress=report)
-    typer.echo(json.dumps({"out": str(result.out), "steps": result.steps, "tokens": result.tokens, "losses": result.losses}))
+    summary = {"out": str(result.out), "steps": result.steps, "tokens": result.tokens, "losses": result.losses}
+    if result.nothing_to_do:
+        summary["nothing_to_do"] = True
+    typer.echo(json.dumps(summary))

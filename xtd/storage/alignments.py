@@ -20,12 +20,20 @@ from typing import Any
 import numpy as np
 import zarr
 
-from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
+from xtd.errors import (
+    ConfigError,
+    CorruptShardError,
+    DataError,
+    StoreExistsError,
+    StoreFormatError,
+    XtdError,
+)
 from xtd.storage.codecs import compressors_for
 from xtd.storage.format import (
     ALIGNMENT_ATTR,
     CHECKSUM_ALGORITHM,
     StoreUrl,
+    describe_url,
     file_checksums,
     list_dir,
     open_zarr_store,
@@ -34,6 +42,7 @@ from xtd.storage.format import (
     remove_node,
     write_group_json,
 )
+from xtd.storage.integrity import CheckedStore, check_key
 
 __all__ = ["write_alignment", "read_alignment", "list_alignments", "AlignmentReader"]
 
@@ -169,8 +178,11 @@ class AlignmentReader:
     """Random access to one cached alignment group: ``reader[d] -> {name: rows}``."""
 
     def __init__(self, url: StoreUrl, digest: str) -> None:
-        self._store = open_zarr_store(url, writable=False)
+        where = describe_url(url)
+        # Files are checked against the group's checksum list on first read (as shards are).
+        self._store = CheckedStore(open_zarr_store(url, writable=False), where=where)
         read_root_meta(self._store, url)
+        check_key(digest, what="alignment digest", where=where)
         path = f"alignments/{digest}"
         meta = (read_group_attrs(self._store, path) or {}).get(ALIGNMENT_ATTR)
         if meta is None or not meta.get("complete"):
@@ -179,15 +191,28 @@ class AlignmentReader:
             )
         self.digest = digest
         self.attrs: dict[str, Any] = meta.get("attrs", {})
-        self.names: tuple[str, ...] = tuple(meta["arrays"])
+        names = meta.get("arrays")
+        if not isinstance(names, list):
+            raise StoreFormatError(f"store {where!r}: {path} lists no arrays; run xtd verify")
+        self.names: tuple[str, ...] = tuple(check_key(n, what="array name", where=where) for n in names)
         self._len = int(meta["documents"])
-        self._arrays = {
-            n: zarr.open_array(self._store, path=f"{path}/{n}", mode="r") for n in self.names
-        }
-        self._offsets = {
-            n: zarr.open_array(self._store, path=f"{path}/{n}_offsets", mode="r")[...]
-            for n in self.names
-        }
+        self._store.expect(path, meta.get("files"))
+        self._store.check_present(path)
+        try:
+            self._arrays = {
+                n: zarr.open_array(self._store, path=f"{path}/{n}", mode="r") for n in self.names
+            }
+            self._offsets = {
+                n: zarr.open_array(self._store, path=f"{path}/{n}_offsets", mode="r")[...]
+                for n in self.names
+            }
+        except XtdError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zarr raises many types for bad metadata
+            raise CorruptShardError(
+                f"store {where!r}: cached alignment {digest!r} does not decode ({type(exc).__name__}: "
+                f"{exc}); rebuild it with xtd align --cache --overwrite"
+            ) from None
 
     def __len__(self) -> int:
         return self._len

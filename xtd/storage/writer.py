@@ -27,6 +27,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
+from xtd.outputs import writing
 from xtd.storage.codecs import (
     TOPK_CODECS,
     compressors_for,
@@ -56,6 +57,7 @@ from xtd.storage.format import (
     shard_name,
     write_group_json,
 )
+from xtd.storage.integrity import check_part_record
 
 __all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays"]
 
@@ -66,6 +68,10 @@ DEFAULT_CHUNK_ROWS = 2048  # a random 512-token window touches one or two chunks
 
 # Root attributes that, when they differ, make a store "written with other settings".
 _IDENTITY_ATTRS = ("settings", "teacher", "dataset", "boundary_classes", "text_coverage")
+# What may differ when a store is extended with more documents of the same data (the
+# caller, which knows the data, has checked that the stored documents are its prefix).
+_EXTENDABLE = ("dataset", "settings.limit")
+ALIGNMENTS_DIR = "alignments"
 
 
 def _xtd_version() -> str:
@@ -166,14 +172,20 @@ class StoreWriter:
         hidden_size: H of the stored hidden states, or None for none.
         topk_codec: ``"q8"`` or ``"fp16"`` (xtd.storage.codecs).
         rank: this writer's part; world_size: number of parts.
-        overwrite: replace this part (and a store written with other settings).
+        overwrite: replace this part (and a store written with other settings). Only an
+            xtd store is ever replaced, and only what writers create in it (parts, cached
+            alignments, the root ``zarr.json``); a folder holding anything else is refused.
+        extend: the caller has checked that the stored documents are a prefix of the
+            documents it will write (more records of the same data): ``dataset`` and
+            ``settings.limit`` may differ from the store's, the root metadata is replaced by
+            ``attrs``, and a complete part is reopened to append the new documents.
         shard_tokens: a shard is written once the buffer holds at least this many rows.
         chunk_rows: rows per chunk inside a shard file.
 
     Raises:
         ConfigError: invalid arguments or attrs.
-        StoreExistsError: the store holds data written with other settings (or is not an
-            xtd store) and ``overwrite`` is False.
+        StoreExistsError: the store holds data written with other settings and
+            ``overwrite`` is False, or the folder holds anything that is not an xtd store.
         StoreFormatError: the existing store is of another format version.
     """
 
@@ -188,6 +200,7 @@ class StoreWriter:
         rank: int = 0,
         world_size: int = 1,
         overwrite: bool = False,
+        extend: bool = False,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
@@ -203,10 +216,12 @@ class StoreWriter:
         self.shard_tokens = shard_tokens
         self.chunk_rows = chunk_rows
         self.boundary_classes = tuple(attrs["boundary_classes"])
-        self._store = open_zarr_store(url, writable=True)
         self._part = part_name(rank)
+        self._extend = extend
         self._root_meta = self._root_metadata(attrs)
-        self._prepare(overwrite)
+        with self._writing():
+            self._store = open_zarr_store(url, writable=True)
+            self._prepare(overwrite)
         self._buffer: list[Document] = []
         self._buffered_tokens = 0
         self._closed = False
@@ -238,8 +253,14 @@ class StoreWriter:
         )
         return meta
 
-    def _identity(self, meta: dict[str, Any]) -> dict[str, Any]:
+    def _identity(self, meta: dict[str, Any], ignored: tuple[str, ...] = ()) -> dict[str, Any]:
         ident = {key: meta.get(key) for key in _IDENTITY_ATTRS}
+        for dotted in ignored:
+            key, _, sub = dotted.partition(".")
+            if not sub:
+                ident.pop(key, None)
+            elif isinstance(ident.get(key), dict):
+                ident[key] = {k: v for k, v in ident[key].items() if k != sub}
         ident["text_coverage"] = ident["text_coverage"] or "full"
         ident["tokenizer_json"] = digest_text(meta.get("tokenizer_json") or "")
         layout = meta.get("layout", {})
@@ -253,39 +274,52 @@ class StoreWriter:
         store, where = self._store, str(self.url)
         try:
             root_attrs = read_group_attrs(store, "")
-        except StoreFormatError:  # an array or foreign metadata at the root
-            root_attrs = {}
+            readable = True
+        except StoreFormatError:  # an array, or metadata that is not valid JSON
+            root_attrs, readable = None, False
         existing = None if root_attrs is None else root_attrs.get(ROOT_ATTR)
-        # Other ranks may already have created their parts: those are not foreign content.
-        foreign = [c for c in list_dir(store, "") if c != "zarr.json" and not _is_part_name(c)]
         is_xtd = isinstance(existing, dict) and existing.get("format") == FORMAT_NAME
-        if not overwrite:
-            if not is_xtd and (root_attrs is not None or foreign):
-                raise StoreExistsError(
-                    f"{where!r} already holds data that is not an xtd store; choose another "
-                    f"path or pass --overwrite to replace it"
-                )
-            if is_xtd and existing.get("format_version") != FORMAT_VERSION:
+        children = list_dir(store, "")
+        # Other ranks may already have created their parts: those are not foreign content.
+        foreign = [c for c in children if c != "zarr.json" and not _is_part_name(c)]
+        if not is_xtd and (root_attrs is not None or not readable or foreign):
+            # Not recognisably ours: never written into, never deleted, whatever the flags.
+            shown = ", ".join(repr(c) for c in children[:3]) + (", ..." if len(children) > 3 else "")
+            what = "its zarr.json cannot be read" if not readable else f"it holds {shown}"
+            raise StoreExistsError(
+                f"{where!r} is not an xtd store and is not empty ({what}); xtd writes only into an "
+                "empty folder or a store it wrote, and never deletes other files — choose another output path"
+            )
+        if is_xtd and not overwrite:
+            if existing.get("format_version") != FORMAT_VERSION:
                 raise StoreFormatError(
                     f"store {where!r} is format_version {existing.get('format_version')!r}; this "
                     f"xtd writes version {FORMAT_VERSION} — pass --overwrite to replace it"
                 )
-            if is_xtd:
-                diffs = _differences(self._identity(existing), self._identity(self._root_meta))
-                if diffs:
-                    raise StoreExistsError(
-                        f"store {where!r} was written with other settings ({'; '.join(diffs)}); "
-                        f"pass --overwrite to replace it, or use another output path"
-                    )
-        if overwrite:
-            # Each rank replaces its own part; rank 0 also removes whatever is no other
-            # rank's part, so concurrent ranks never delete each other's fresh work.
+            ignored = _EXTENDABLE if self._extend else ()
+            diffs = _differences(
+                self._identity(existing, ignored), self._identity(self._root_meta, ignored)
+            )
+            if diffs:
+                raise StoreExistsError(
+                    f"store {where!r} was written with other settings ({'; '.join(diffs)}); "
+                    f"pass --overwrite to replace it, or use another output path"
+                )
+        if is_xtd and overwrite:
+            # Only what a writer creates is removed: each rank replaces its own part; rank 0
+            # also removes parts of no current rank and the cached alignments. Any other file
+            # in the folder is left where it is.
             keep = {part_name(r) for r in range(self.world_size) if r != self.rank}
-            for child in list_dir(store, ""):
-                if child == self._part or (
-                    self.rank == 0 and child not in keep and child != "zarr.json"
-                ):
+            for child in children:
+                ours = _is_part_name(child) or child == ALIGNMENTS_DIR
+                if child == self._part or (self.rank == 0 and ours and child not in keep):
                     remove_node(store, child)
+        if self._extend and is_xtd and not overwrite:
+            # Reopen the part before the root names the new data: a kill between the two
+            # writes leaves a resumable part, never a complete one missing documents.
+            self._load_part()
+            write_group_json(store, "", {ROOT_ATTR: self._root_meta})
+            return
         if overwrite or not is_xtd:
             write_group_json(store, "", {ROOT_ATTR: self._root_meta})
         self._load_part()
@@ -293,7 +327,9 @@ class StoreWriter:
     def _load_part(self) -> None:
         attrs = read_group_attrs(self._store, self._part)
         record = (attrs or {}).get(PART_ATTR)
-        if record is None:
+        if record is not None:
+            check_part_record(record, self._part, where=str(self.url))
+        else:
             record = {
                 "rank": self.rank,
                 "world_size": self.world_size,
@@ -304,6 +340,9 @@ class StoreWriter:
                 "complete": False,
                 "shards": [],
             }
+        reopened = self._extend and bool(record.get("complete"))
+        if reopened:
+            record["complete"] = False
         self._record: dict[str, Any] = record
         # Anything of this part that no commit lists is an orphan of a killed writer.
         committed = {s["name"] for s in record["shards"]}
@@ -314,7 +353,7 @@ class StoreWriter:
                 "removing uncommitted %s/%s left by an interrupted writer", self._part, child
             )
             remove_node(self._store, f"{self._part}/{child}")
-        if attrs is None:
+        if attrs is None or reopened:
             self._commit_record()
         elif record["documents_committed"]:
             logger.info(
@@ -361,7 +400,17 @@ class StoreWriter:
         self._buffer.append(doc)
         self._buffered_tokens += doc.num_tokens
         if self._buffered_tokens >= self.shard_tokens:
-            self._flush()
+            with self._writing():
+                self._flush()
+
+    def _writing(self) -> Any:
+        """OS write failures (full disk, read-only folder) as one error naming the store."""
+        return writing(
+            "store",
+            self.url,
+            "free space or choose another output path; committed documents are kept and the "
+            "same command resumes after them",
+        )
 
     def _normalise(self, doc: Document) -> Document:
         """Validate one document and cast its arrays to the stored dtypes."""
@@ -490,12 +539,15 @@ class StoreWriter:
         if self._closed:
             return
         self._closed = True
-        if not self.complete:
-            self._flush()
-            if complete:
-                self._record["complete"] = True
-                self._commit_record()
-        self._store.close()
+        try:
+            if not self.complete:
+                with self._writing():
+                    self._flush()
+                    if complete:
+                        self._record["complete"] = True
+                        self._commit_record()
+        finally:
+            self._store.close()
 
     def __enter__(self) -> StoreWriter:
         return self
