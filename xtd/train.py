@@ -173,16 +173,22 @@ def _alignment_cache_digests(url: str) -> list[str]:
     return list_alignments(url)
 
 
-def _usable_cache(url: str, digest: str, config: TrainConfig) -> str | None:
+def _usable_cache(url: str, reader: Any, digest: str, config: TrainConfig) -> str | None:
     """The cache digest to read for ``url``, when it fits this run (unconstrained chunks)."""
     if config.alm_chunks != "unconstrained" or digest not in _alignment_cache_digests(url):
         return None
     from xtd.storage import read_alignment
 
-    names = set(read_alignment(url, digest).names)
+    cache = read_alignment(url, digest)
     needed = {"student_ids", "student_spans", "student_chunk", "teacher_chunk"}
-    if not needed <= names:
-        logger.warning("alignment cache %s of %s lacks %s; aligning on the fly", digest, url, sorted(needed - names))
+    if not needed <= set(cache.names):
+        logger.warning("alignment cache %s of %s lacks %s; aligning on the fly", digest, url, sorted(needed - set(cache.names)))
+        return None
+    if len(cache) != len(reader):  # the store was extended after `xtd align --cache`
+        logger.warning(
+            "alignment cache %s of %s covers %d of the store's %d documents; aligning on the fly "
+            "(rerun xtd align --cache to refresh it)", digest, url, len(cache), len(reader),
+        )
         return None
     return digest
 
@@ -378,7 +384,9 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         merge=config.merge,
         merge_threshold=config.merge_threshold,
         losses=names,
-        alignment_cache=tuple(_usable_cache(url, student.tokenizer.digest, config) for url in config.store),
+        alignment_cache=tuple(
+            _usable_cache(url, r, student.tokenizer.digest, config) for url, r in zip(config.store, readers, strict=True)
+        ),
         pieces=pieces,
     )
     loader = torch.utils.data.DataLoader(

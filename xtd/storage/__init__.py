@@ -13,7 +13,7 @@ from xtd.storage.codecs import TOPK_CODECS, decode_topk, encode_topk, q8_error_b
 from xtd.storage.format import BOUNDARY_CLASSES, FORMAT_NAME, FORMAT_VERSION, Document
 from xtd.storage.reader import ArrayStat, StoreReader, open_store
 from xtd.storage.verify import VerifyReport, verify_store, verify_store_report
-from xtd.storage.writer import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_TOKENS, StoreWriter
+from xtd.storage.writer import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_TOKENS, StoreWriter, existing_store
 
 __all__ = [
     "AlignmentReader",
@@ -30,6 +30,7 @@ __all__ = [
     "VerifyReport",
     "decode_topk",
     "encode_topk",
+    "existing_store",
     "list_alignments",
     "open_store",
     "q8_error_bound",

@@ -27,7 +27,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
-from xtd.outputs import writing
+from xtd.outputs import check_output_folder, writing
 from xtd.storage.codecs import (
     TOPK_CODECS,
     compressors_for,
@@ -59,7 +59,7 @@ from xtd.storage.format import (
 )
 from xtd.storage.integrity import check_part_record
 
-__all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays"]
+__all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays", "existing_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,24 +272,8 @@ class StoreWriter:
 
     def _prepare(self, overwrite: bool) -> None:
         store, where = self._store, str(self.url)
-        try:
-            root_attrs = read_group_attrs(store, "")
-            readable = True
-        except StoreFormatError:  # an array, or metadata that is not valid JSON
-            root_attrs, readable = None, False
-        existing = None if root_attrs is None else root_attrs.get(ROOT_ATTR)
-        is_xtd = isinstance(existing, dict) and existing.get("format") == FORMAT_NAME
-        children = list_dir(store, "")
-        # Other ranks may already have created their parts: those are not foreign content.
-        foreign = [c for c in children if c != "zarr.json" and not _is_part_name(c)]
-        if not is_xtd and (root_attrs is not None or not readable or foreign):
-            # Not recognisably ours: never written into, never deleted, whatever the flags.
-            shown = ", ".join(repr(c) for c in children[:3]) + (", ..." if len(children) > 3 else "")
-            what = "its zarr.json cannot be read" if not readable else f"it holds {shown}"
-            raise StoreExistsError(
-                f"{where!r} is not an xtd store and is not empty ({what}); xtd writes only into an "
-                "empty folder or a store it wrote, and never deletes other files — choose another output path"
-            )
+        existing, children = _classify(store, where)
+        is_xtd = existing is not None
         if is_xtd and not overwrite:
             if existing.get("format_version") != FORMAT_VERSION:
                 raise StoreFormatError(
@@ -559,6 +543,60 @@ class StoreWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close(complete=exc_type is None)
+
+
+def _classify(store: Store, where: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """What is at a store's root: (its ``xtd`` attribute, or None when empty; the root's entries).
+
+    Raises:
+        StoreExistsError: the root holds anything and is not an xtd store (including a
+            root ``zarr.json`` that cannot be read): xtd never writes into it or deletes it.
+    """
+    try:
+        root_attrs = read_group_attrs(store, "")
+        readable = True
+    except StoreFormatError:  # an array, or metadata that is not valid JSON
+        root_attrs, readable = None, False
+    existing = None if root_attrs is None else root_attrs.get(ROOT_ATTR)
+    children = list_dir(store, "")
+    if isinstance(existing, dict) and existing.get("format") == FORMAT_NAME:
+        return existing, children
+    # Other ranks may already have created their parts: those are not foreign content.
+    foreign = [c for c in children if c != "zarr.json" and not _is_part_name(c)]
+    if root_attrs is not None or not readable or foreign:
+        shown = ", ".join(repr(c) for c in children[:3]) + (", ..." if len(children) > 3 else "")
+        what = "its zarr.json cannot be read" if not readable else f"it holds {shown}"
+        raise StoreExistsError(
+            f"{where!r} is not an xtd store and is not empty ({what}); xtd writes only into an "
+            "empty folder or a store it wrote, and never deletes other files — choose another output path"
+        )
+    return None, children
+
+
+def existing_store(url: StoreUrl) -> dict[str, Any] | None:
+    """The root ``xtd`` attribute of the store a writer would open at ``url``; None if nothing is there.
+
+    Reads only (creates nothing), so callers run it before any expensive work.
+
+    Raises:
+        StoreExistsError: ``url`` holds something that is not an xtd store.
+        OutputError: a local path that cannot be written.
+        ConfigError: a zip file, or a URL scheme fsspec cannot open.
+    """
+    text = str(url)
+    local = isinstance(url, Path) or ("://" not in text or text.startswith("file://"))
+    if local and not isinstance(url, Store):
+        path = Path(text.removeprefix("file://")).expanduser()
+        if path.suffix.lower() == ".zip":
+            open_zarr_store(url, writable=True)  # raises the zip error
+        check_output_folder(path, what="store")
+        if not path.exists():
+            return None
+    store = open_zarr_store(url, writable=False)
+    try:
+        return _classify(store, text)[0]
+    finally:
+        store.close()
 
 
 def _check_args(
