@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,7 +61,9 @@ __all__ = [
     "latest_checkpoint",
     "prune_checkpoints",
     "check_resume_config",
-    "restore_checkpoint",
+    "load_checkpoint",
+    "apply_checkpoint",
+    "LoadedCheckpoint",
     "rng_state",
     "set_rng_state",
     "inspect_run_folder",
@@ -237,20 +240,24 @@ def _load(path: Path, device: torch.device | str = "cpu") -> Any:
         ) from None
 
 
-def restore_checkpoint(
-    checkpoint: Path,
-    root: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: TrainConfig,
-    device: torch.device,
-) -> tuple[int, dict[str, Any]]:
-    """Load a checkpoint into ``root`` and ``optimizer`` and restore the RNG states.
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read and checked (:func:`load_checkpoint`), not yet applied to a model."""
 
-    The config is checked first (:func:`check_resume_config`), and every file is loaded
-    (``weights_only=True``) before anything is changed, so a refused resume changes nothing.
+    path: Path
+    step: int
+    counters: dict[str, Any]
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
 
-    Returns:
-        (the step to continue from, the saved counters).
+
+def load_checkpoint(checkpoint: Path, config: TrainConfig) -> LoadedCheckpoint:
+    """Read a checkpoint and check it against this run, before any model is built.
+
+    The config comes first (:func:`check_resume_config`); every ``.pt`` file is loaded
+    with ``weights_only=True`` onto the CPU. Nothing is changed, so a refused resume
+    leaves the run folder as it was.
 
     Raises:
         ConfigError: the run's settings differ from the checkpoint's.
@@ -260,26 +267,43 @@ def restore_checkpoint(
         saved = json.loads((checkpoint / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} has no readable config.json ({exc})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r}: config.json is not a JSON object")
     check_resume_config(saved, config, checkpoint)
     state = _load(checkpoint / "state.pt")
-    trainable = _load(checkpoint / "trainable.pt", device)
-    optimizer_state = _load(checkpoint / "optimizer.pt", device)
-    params = trainable_parameters(root)
+    trainable = _load(checkpoint / "trainable.pt")
+    optimizer = _load(checkpoint / "optimizer.pt")
     try:
-        step, counters = int(state["step"]), dict(state["counters"])
-        if set(trainable) != set(params):
-            raise KeyError(f"weights {sorted(set(params) ^ set(trainable))[:3]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(trainable[name])
-        optimizer.load_state_dict(optimizer_state)
-        set_rng_state(state["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        return LoadedCheckpoint(
+            checkpoint, int(state["step"]), dict(state["counters"]), dict(trainable), dict(optimizer), dict(state["rng"])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"checkpoint {str(checkpoint)!r} does not fit this run ({type(exc).__name__}: {exc}); "
+            f"checkpoint {str(checkpoint)!r} is not a checkpoint xtd wrote ({type(exc).__name__}: {exc}); "
             f"pass {flag('overwrite')} to start afresh"
         ) from None
-    return step, counters
+
+
+def apply_checkpoint(loaded: LoadedCheckpoint, root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Copy a loaded checkpoint into ``root`` and ``optimizer`` and restore the RNG states.
+
+    Raises:
+        CheckpointError: the checkpoint's weights or optimizer state do not fit this model.
+    """
+    params = trainable_parameters(root)
+    try:
+        if set(loaded.trainable) != set(params):
+            raise KeyError(f"weights {sorted(set(params) ^ set(loaded.trainable))[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(loaded.trainable[name])
+        optimizer.load_state_dict(loaded.optimizer)
+        set_rng_state(loaded.rng)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(loaded.path)!r} does not fit this run ({type(exc).__name__}: {exc}); "
+            f"pass {flag('overwrite')} to start afresh"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------

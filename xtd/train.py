@@ -40,12 +40,13 @@ from xtd.batching import DataSpec, Pieces, StepDataset, StepPlan, estimate_piece
 from xtd.checkpoint import (
     METRICS_FILE,
     append_metrics,
+    apply_checkpoint,
     finish_run_folder,
     inspect_run_folder,
     latest_checkpoint,
+    load_checkpoint,
     prepare_run_folder,
     prune_checkpoints,
-    restore_checkpoint,
     save_checkpoint,
     save_model_into,
     trainable_parameters,
@@ -315,8 +316,10 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     )
     check_inputs(config, readers, student_tokenizer)
 
-    # 2. The run folder: fresh, resumed or overwritten (every rank has inspected it first).
+    # 2. The run folder: fresh, resumed or overwritten (every rank has inspected it first;
+    # a checkpoint is read and checked before anything in the folder changes).
     checkpoint = latest_checkpoint(out) if config.resume else None
+    loaded = load_checkpoint(checkpoint, config) if checkpoint is not None else None
     ctx.barrier()
     if ctx.main:
         prepare_run_folder(out, config)
@@ -353,8 +356,9 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
 
     # 5. Resume: weights, optimizer, RNG and data position.
     start_step, counters = 0, {"tokens": 0, "documents": 0, "elapsed_s": 0.0}
-    if checkpoint is not None:
-        start_step, counters = restore_checkpoint(checkpoint, root, optimizer, config, ctx.device)
+    if loaded is not None:
+        apply_checkpoint(loaded, root, optimizer)
+        start_step, counters = loaded.step, loaded.counters
         logger.info("resuming from %s (step %d)", checkpoint, start_step)
         if ctx.main:
             truncate_metrics(out / METRICS_FILE, start_step)
