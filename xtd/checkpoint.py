@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,7 +233,10 @@ def _load(path: Path, device: torch.device | str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, OSError ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = " ".join(str(exc).split())
+        # torch explains weights_only at length; keep the sentence that names the cause.
+        cause = re.search(r"(?:Trying to load unsupported|Unsupported) .*?(?= whose |\. |$)", text)
+        reason = cause.group(0) if cause else (text.split(". ", 1)[0] or type(exc).__name__)
         raise CheckpointError(
             f"checkpoint file {str(path)!r} cannot be loaded safely ({type(exc).__name__}: {reason[:160]}); "
             f"it is damaged, from an older xtd, or not written by xtd — nothing in it was run. "

@@ -101,7 +101,7 @@ def _funnel(func: F) -> F:
         except XtdError as exc:
             if os.environ.get("XTD_DEBUG") == "1":
                 raise
-            raise fail(escape(str(exc))) from None
+            raise fail(escape(_one_line(exc))) from None
         except KeyboardInterrupt:
             console.print("interrupted: committed work is kept; rerun the same command to resume")
             raise typer.Exit(code=130) from None
@@ -121,6 +121,16 @@ def _funnel(func: F) -> F:
         "quiet": _Quiet,
     }
     return wrapper  # type: ignore[return-value]
+
+
+def _one_line(exc: XtdError) -> str:
+    """The message of ``exc``; for an error re-raised from a DataLoader worker (whose message
+    embeds the worker's traceback), the original message from its last line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:

@@ -101,9 +101,31 @@ def write_alignment(
             f"store {str(url)!r} already caches alignment {digest!r}; pass --overwrite to rebuild it"
         )
     remove_node(store, path)
-    if read_group_attrs(store, "alignments") is None:
+    new_parent = read_group_attrs(store, "alignments") is None
+    if new_parent:
         write_group_json(store, "alignments", {})
     write_group_json(store, path, {ALIGNMENT_ATTR: {"complete": False}})
+    try:
+        _fill(store, path, digest, documents, num_documents, attrs)
+    except BaseException:
+        # A failed write (bad input, a damaged store read while aligning, Ctrl-C) leaves
+        # nothing behind; only a killed writer leaves an incomplete group, which readers
+        # ignore and verify reports.
+        remove_node(store, path)
+        if new_parent and list_dir(store, "alignments/") in ([], ["zarr.json"]):
+            remove_node(store, "alignments")
+        raise
+
+
+def _fill(
+    store: Any,
+    path: str,
+    digest: str,
+    documents: Iterable[Mapping[str, np.ndarray]],
+    num_documents: int,
+    attrs: dict[str, Any] | None,
+) -> None:
+    """Write the arrays of one alignment group, then its record (``complete: true``)."""
     group = zarr.open_group(store, path=path, mode="r+")
     arrays: dict[str, zarr.Array] = {}
     offsets: dict[str, list[int]] = {}

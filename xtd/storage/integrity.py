@@ -58,8 +58,8 @@ def check_key(key: Any, *, what: str, where: str) -> str:
     """
     if not isinstance(key, str) or not all(_COMPONENT.fullmatch(c) for c in key.split("/")):
         raise StoreFormatError(
-            f"store {where!r} names {what} {key!r}, which is not a key inside the store "
-            "(absolute, '..', a URL scheme or other characters); its metadata is damaged or "
+            f"store {where!r}: its metadata gives the {what} {key!r}, which is not a key inside the "
+            "store (absolute, '..', a URL scheme or other characters); the metadata is damaged or "
             "crafted — do not use this store"
         )
     return key
@@ -140,15 +140,15 @@ class CheckedStore(WrapperStore[Store]):
         present = set(list_prefix(self._store, f"{prefix}/"))
         missing = [k for k in self._expected if k.startswith(f"{prefix}/") and k not in present]
         if missing:
-            more = f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
-            raise self._damaged(missing[0], "is missing" + more)
+            raise self._damaged(missing[0], "is missing", more=len(missing) - 1)
 
-    def _damaged(self, key: str, what: str) -> CorruptShardError:
+    def _damaged(self, key: str, what: str, *, more: int = 0) -> CorruptShardError:
         _, _, path, rel = self._expected[key]
         array, _, rest = rel.partition("/")
         part = f"chunk {rest}" if rest.startswith("c/") else (rest or rel)
+        others = f"; {more} more listed files are missing" if more else ""
         return CorruptShardError(
-            f"store {self.where!r} is damaged: {key} {what} (array {array!r}, {part}, shard {path}); "
+            f"store {self.where!r} is damaged: {key} {what} (array {array!r}, {part}, {path}{others}); "
             f"`xtd verify {self.where}` lists every problem — rebuild the store with xtd precompute "
             "into a new folder, or restore it from its source"
         )

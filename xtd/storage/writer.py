@@ -219,7 +219,7 @@ class StoreWriter:
         self._part = part_name(rank)
         self._extend = extend
         self._root_meta = self._root_metadata(attrs)
-        with self._writing():
+        with self._writing(opening=True):
             self._store = open_zarr_store(url, writable=True)
             self._prepare(overwrite)
         self._buffer: list[Document] = []
@@ -387,14 +387,15 @@ class StoreWriter:
             with self._writing():
                 self._flush()
 
-    def _writing(self) -> Any:
+    def _writing(self, *, opening: bool = False) -> Any:
         """OS write failures (full disk, read-only folder) as one error naming the store."""
-        return writing(
-            "store",
-            self.url,
-            "free space or choose another output path; committed documents are kept and the "
-            "same command resumes after them",
+        advice = (
+            "choose another output path"
+            if opening
+            else "free space or choose another output path; committed documents are kept and the "
+            "same command resumes after them"
         )
+        return writing("store", self.url, advice)
 
     def _normalise(self, doc: Document) -> Document:
         """Validate one document and cast its arrays to the stored dtypes."""
