@@ -14,18 +14,13 @@ from pathlib import Path
 
 import pytest
 from _stores import tree_digest
+from test_faults import TEXTS
 from typer.testing import CliRunner
 
 from xtd.cli import app
 
 runner = CliRunner()
 
-TEXTS = [
-    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
-    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles",
-    "And by opposing end them. To die: to sleep;\nNo more; and by a sleep to say we end",
-    "Hello world! Tabs\tand  spaces, emoji 👍 and 你好.",
-]
 TRAIN = ["--lora-rank", "0", "--max-steps", "2", "--warmup-steps", "0", "--batch-size", "2", "--max-student-length", "32"]
 
 

@@ -20,14 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from xtd.errors import (
-    ConfigError,
-    CorruptShardError,
-    DataError,
-    StoreExistsError,
-    StoreFormatError,
-    XtdError,
-)
+from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
 from xtd.storage.codecs import compressors_for
 from xtd.storage.format import (
     ALIGNMENT_ATTR,
@@ -42,7 +35,7 @@ from xtd.storage.format import (
     remove_node,
     write_group_json,
 )
-from xtd.storage.integrity import CheckedStore, check_key
+from xtd.storage.integrity import CheckedStore, check_key, decoding
 
 __all__ = ["write_alignment", "read_alignment", "list_alignments", "AlignmentReader"]
 
@@ -220,7 +213,7 @@ class AlignmentReader:
         self._len = int(meta["documents"])
         self._store.expect(path, meta.get("files"))
         self._store.check_present(path)
-        try:
+        with decoding(where, f"cached alignment {digest!r}", "rebuild it with xtd align --cache --overwrite"):
             self._arrays = {
                 n: zarr.open_array(self._store, path=f"{path}/{n}", mode="r") for n in self.names
             }
@@ -228,13 +221,6 @@ class AlignmentReader:
                 n: zarr.open_array(self._store, path=f"{path}/{n}_offsets", mode="r")[...]
                 for n in self.names
             }
-        except XtdError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - zarr raises many types for bad metadata
-            raise CorruptShardError(
-                f"store {where!r}: cached alignment {digest!r} does not decode ({type(exc).__name__}: "
-                f"{exc}); rebuild it with xtd align --cache --overwrite"
-            ) from None
 
     def __len__(self) -> int:
         return self._len

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from zarr.abc.store import (
@@ -36,9 +37,9 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
-from xtd.errors import CorruptShardError, StoreFormatError
+from xtd.errors import CorruptShardError, StoreFormatError, XtdError
 
-__all__ = ["check_key", "check_part_record", "CheckedStore"]
+__all__ = ["check_key", "check_part_record", "decoding", "CheckedStore"]
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _RECENT_BYTES = 64 << 20  # verified files kept to serve the range reads that follow
@@ -80,6 +81,24 @@ def check_part_record(record: Any, part: str, *, where: str) -> dict[str, Any]:
     for entry in shards:
         check_key(entry.get("name"), what="shard name", where=where)
     return record
+
+
+@contextmanager
+def decoding(where: str, what: str, advice: str) -> Iterator[None]:
+    """Any failure to decode (checksum-verified) data becomes one :class:`CorruptShardError`.
+
+    Args:
+        where: the store, for the message; what: the data (``"array 'x' of part-…/shard-…"``);
+        advice: what to do next.
+    """
+    try:
+        yield
+    except XtdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zarr and the codecs raise many types
+        raise CorruptShardError(
+            f"store {where!r}: {what} does not decode ({type(exc).__name__}: {exc}); {advice}"
+        ) from None
 
 
 class CheckedStore(WrapperStore[Store]):

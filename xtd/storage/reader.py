@@ -23,13 +23,12 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
-from xtd.errors import CorruptShardError, StoreFormatError, XtdError
+from xtd.errors import CorruptShardError, StoreFormatError
 from xtd.storage.codecs import decode_topk, topk_array_names, unpack_topk
 from xtd.storage.format import (
     PART_ATTR,
@@ -45,7 +44,7 @@ from xtd.storage.format import (
     read_group_attrs,
     read_root_meta,
 )
-from xtd.storage.integrity import CheckedStore, check_key, check_part_record
+from xtd.storage.integrity import CheckedStore, check_key, check_part_record, decoding
 
 if TYPE_CHECKING:
     import torch.utils.data
@@ -119,7 +118,8 @@ class StoreReader:
         self.parts: dict[str, dict[str, Any] | None] = {}
         self._shards: list[_Shard] = []
         doc_index_chunks: list[np.ndarray] = []
-        parts = self.attrs.get("manifest", {}).get("parts", [])
+        manifest = self.attrs.get("manifest")
+        parts = manifest.get("parts") if isinstance(manifest, dict) else None
         if not isinstance(parts, list):
             raise StoreFormatError(f"store {where!r}: the root manifest holds no list of parts")
         for part in parts:
@@ -192,22 +192,19 @@ class StoreReader:
                 f"store {where!r} is damaged: {group_key(path)} {what}; `xtd verify {where}` lists "
                 "every problem"
             )
-        files = json.loads(blob).get("attributes", {}).get(SHARD_ATTR, {}).get("files")
+        try:
+            files = json.loads(blob)["attributes"][SHARD_ATTR]["files"]
+        except (ValueError, KeyError, TypeError):
+            raise StoreFormatError(
+                f"store {where!r}: {group_key(path)} holds no shard record with a checksum list; "
+                f"`xtd verify {where}` lists every problem"
+            ) from None
         self._store.expect(path, files)
         return files
 
-    @contextmanager
-    def _decoding(self, path: str, name: str) -> Iterator[None]:
-        """Any failure to decode a (checksum-verified) array becomes one clear error."""
-        try:
-            yield
-        except XtdError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - zarr and the codecs raise many types
-            raise CorruptShardError(
-                f"store {self._store.where!r}: array {name!r} of {path} does not decode "
-                f"({type(exc).__name__}: {exc}); `xtd verify {self._store.where}` lists every problem"
-            ) from None
+    def _decoding(self, path: str, name: str) -> Any:
+        where = self._store.where
+        return decoding(where, f"array {name!r} of {path}", f"`xtd verify {where}` lists every problem")
 
     def _open(self, path: str, name: str) -> zarr.Array:
         with self._decoding(path, name):
