@@ -364,6 +364,8 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
             truncate_metrics(out / METRICS_FILE, start_step)
     elif config.resume:
         logger.info("no checkpoint in %s; starting from step 0", out)
+        if ctx.main:  # records of a run killed before its first checkpoint are replayed
+            truncate_metrics(out / METRICS_FILE, 0)
 
     # 6. Data: this rank's micro-batches of each step, prepared in DataLoader workers.
     pieces = _pieces(config, readers, student.tokenizer)

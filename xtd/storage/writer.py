@@ -27,7 +27,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
-from xtd.outputs import check_output_folder, writing
+from xtd.outputs import writing
 from xtd.storage.codecs import (
     TOPK_CODECS,
     compressors_for,
@@ -47,7 +47,6 @@ from xtd.storage.format import (
     StoreUrl,
     checksum,
     describe_quantities,
-    digest_text,
     file_checksums,
     list_dir,
     open_zarr_store,
@@ -57,22 +56,22 @@ from xtd.storage.format import (
     shard_name,
     write_group_json,
 )
+from xtd.storage.identity import (
+    ALIGNMENTS_DIR,
+    EXTENDABLE,
+    classify,
+    differences,
+    identity,
+    is_part_name,
+)
 from xtd.storage.integrity import check_part_record
 
-__all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays", "existing_store"]
+__all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_TOKENS = 1 << 17  # 131,072 rows: a shard file of top-32 q8 is ≈ 4 MB raw
 DEFAULT_CHUNK_ROWS = 2048  # a random 512-token window touches one or two chunks
-
-# Root attributes that, when they differ, make a store "written with other settings".
-_IDENTITY_ATTRS = ("settings", "teacher", "dataset", "boundary_classes", "text_coverage")
-# What may differ when a store is extended with more documents of the same data (the
-# caller, which knows the data, has checked that the stored documents are its prefix).
-_EXTENDABLE = ("dataset", "settings.limit")
-ALIGNMENTS_DIR = "alignments"
-
 
 def _xtd_version() -> str:
     try:
@@ -253,26 +252,9 @@ class StoreWriter:
         )
         return meta
 
-    def _identity(self, meta: dict[str, Any], ignored: tuple[str, ...] = ()) -> dict[str, Any]:
-        ident = {key: meta.get(key) for key in _IDENTITY_ATTRS}
-        for dotted in ignored:
-            key, _, sub = dotted.partition(".")
-            if not sub:
-                ident.pop(key, None)
-            elif isinstance(ident.get(key), dict):
-                ident[key] = {k: v for k, v in ident[key].items() if k != sub}
-        ident["text_coverage"] = ident["text_coverage"] or "full"
-        ident["tokenizer_json"] = digest_text(meta.get("tokenizer_json") or "")
-        layout = meta.get("layout", {})
-        for key in ("top_k", "topk_codec", "hidden_size", "shard_tokens", "chunk_rows"):
-            ident[key] = layout.get(key)
-        ident["world_size"] = meta.get("manifest", {}).get("world_size")
-        ident["format_version"] = meta.get("format_version")
-        return ident
-
     def _prepare(self, overwrite: bool) -> None:
         store, where = self._store, str(self.url)
-        existing, children = _classify(store, where)
+        existing, children = classify(store, where)
         is_xtd = existing is not None
         if is_xtd and not overwrite:
             if existing.get("format_version") != FORMAT_VERSION:
@@ -280,9 +262,9 @@ class StoreWriter:
                     f"store {where!r} is format_version {existing.get('format_version')!r}; this "
                     f"xtd writes version {FORMAT_VERSION} — pass --overwrite to replace it"
                 )
-            ignored = _EXTENDABLE if self._extend else ()
-            diffs = _differences(
-                self._identity(existing, ignored), self._identity(self._root_meta, ignored)
+            ignored = EXTENDABLE if self._extend else ()
+            diffs = differences(
+                identity(existing, ignored), identity(self._root_meta, ignored)
             )
             if diffs:
                 raise StoreExistsError(
@@ -295,7 +277,7 @@ class StoreWriter:
             # in the folder is left where it is.
             keep = {part_name(r) for r in range(self.world_size) if r != self.rank}
             for child in children:
-                ours = _is_part_name(child) or child == ALIGNMENTS_DIR
+                ours = is_part_name(child) or child == ALIGNMENTS_DIR
                 if child == self._part or (self.rank == 0 and ours and child not in keep):
                     remove_node(store, child)
         if self._extend and is_xtd and not overwrite:
@@ -546,60 +528,6 @@ class StoreWriter:
         self.close(complete=exc_type is None)
 
 
-def _classify(store: Store, where: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """What is at a store's root: (its ``xtd`` attribute, or None when empty; the root's entries).
-
-    Raises:
-        StoreExistsError: the root holds anything and is not an xtd store (including a
-            root ``zarr.json`` that cannot be read): xtd never writes into it or deletes it.
-    """
-    try:
-        root_attrs = read_group_attrs(store, "")
-        readable = True
-    except StoreFormatError:  # an array, or metadata that is not valid JSON
-        root_attrs, readable = None, False
-    existing = None if root_attrs is None else root_attrs.get(ROOT_ATTR)
-    children = list_dir(store, "")
-    if isinstance(existing, dict) and existing.get("format") == FORMAT_NAME:
-        return existing, children
-    # Other ranks may already have created their parts: those are not foreign content.
-    foreign = [c for c in children if c != "zarr.json" and not _is_part_name(c)]
-    if root_attrs is not None or not readable or foreign:
-        shown = ", ".join(repr(c) for c in children[:3]) + (", ..." if len(children) > 3 else "")
-        what = "its zarr.json cannot be read" if not readable else f"it holds {shown}"
-        raise StoreExistsError(
-            f"{where!r} is not an xtd store and is not empty ({what}); xtd writes only into an "
-            "empty folder or a store it wrote, and never deletes other files — choose another output path"
-        )
-    return None, children
-
-
-def existing_store(url: StoreUrl) -> dict[str, Any] | None:
-    """The root ``xtd`` attribute of the store a writer would open at ``url``; None if nothing is there.
-
-    Reads only (creates nothing), so callers run it before any expensive work.
-
-    Raises:
-        StoreExistsError: ``url`` holds something that is not an xtd store.
-        OutputError: a local path that cannot be written.
-        ConfigError: a zip file, or a URL scheme fsspec cannot open.
-    """
-    text = str(url)
-    local = isinstance(url, Path) or ("://" not in text or text.startswith("file://"))
-    if local and not isinstance(url, Store):
-        path = Path(text.removeprefix("file://")).expanduser()
-        if path.suffix.lower() == ".zip":
-            open_zarr_store(url, writable=True)  # raises the zip error
-        check_output_folder(path, what="store")
-        if not path.exists():
-            return None
-    store = open_zarr_store(url, writable=False)
-    try:
-        return _classify(store, text)[0]
-    finally:
-        store.close()
-
-
 def _check_args(
     attrs: dict[str, Any],
     top_k: int,
@@ -633,31 +561,6 @@ def _check_args(
         raise ConfigError(
             f"shard_tokens ({shard_tokens}) and chunk_rows ({chunk_rows}) must be positive"
         )
-
-
-def _is_part_name(name: str) -> bool:
-    return name.startswith("part-") and name[5:].isdigit()
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable ``key: store value vs new value`` lines for every differing leaf."""
-    out: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif _normal(a) != _normal(b):
-            out.append(f"{prefix}{key}: {_short(a)} in the store vs {_short(b)} now")
-    return out
-
-
-def _normal(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _short(value: Any) -> str:
-    text = repr(_normal(value))
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _concatenate(
