@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ class Run:
     may_write: Path | None = None
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
     check: Callable[[], None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    never: tuple[str, ...] = ()
+    """Phrases the output must not hold (a suggestion of --overwrite, a temporary name)."""
 
 
 # ----------------------------------------------------------------------------- shared inputs
@@ -194,6 +195,7 @@ def _no_space(*args: Any, **kwargs: Any) -> None:
 
 
 # sysfs takes no new folders from anyone, root included: a real read-only --out on Linux.
+_SUGGESTS = ("--overwrite", "--resume")  # never offered for a folder xtd did not write
 _READ_ONLY = Path("/sys/xtd-fault-injection")
 _ON_LINUX = Path("/sys/kernel").is_dir()
 
@@ -210,9 +212,11 @@ def _precompute_cases() -> dict[str, Callable[[Env, Path], Run]]:
 
     cases: dict[str, Callable[[Env, Path], Run]] = {
         "foreign-folder-overwrite": lambda env, case: Run(
-            base(env, good(case), _user_folder(case), "--overwrite"), "is not an xtd store"
+            base(env, good(case), _user_folder(case), "--overwrite"), "is not an xtd store", never=_SUGGESTS
         ),
-        "foreign-folder": lambda env, case: Run(base(env, good(case), _user_folder(case)), "never deletes"),
+        "foreign-folder": lambda env, case: Run(
+            base(env, good(case), _user_folder(case)), "never deletes", never=_SUGGESTS
+        ),
         "out-is-a-file": lambda env, case: Run(
             base(env, good(case), _write(case / "out.txt", b"x")), "is a file"
         ),
@@ -255,7 +259,7 @@ def _precompute_cases() -> dict[str, Callable[[Env, Path], Run]]:
         "unknown-flag": lambda env, case: Run(base(env, good(case), case / "out", "--bogus"), "--bogus"),
         "full-disk": lambda env, case: Run(
             base(env, good(case), case / "out", "--shard-tokens", "20"), "No space left on device",
-            may_write=case / "out", patch=_full_disk_after(6),
+            may_write=case / "out", patch=_full_disk_after(6), never=("partial", "/c/"),
         ),
         "other-settings": lambda env, case: Run(
             base(env, _jsonl(case / "d.jsonl", TEXTS * 2), _store(env, case)), "other settings"
@@ -384,10 +388,10 @@ def _train_cases() -> dict[str, Callable[[Env, Path], Run]]:
         "truncated-trainable-pt": resume(lambda c, _: _truncate(c / "trainable.pt"), "cannot be loaded safely"),
         "checkpoint-config-not-json": resume(lambda c, _: _truncate(c / "config.json"), "config.json"),
         "foreign-out-overwrite": lambda env, case: Run(
-            _train_args(env, env.store, _user_folder(case), "--overwrite"), "did not write"
+            _train_args(env, env.store, _user_folder(case), "--overwrite"), "did not write", never=_SUGGESTS
         ),
         "foreign-out-resume": lambda env, case: Run(
-            _train_args(env, env.store, _user_folder(case), "--resume"), "did not write"
+            _train_args(env, env.store, _user_folder(case), "--resume"), "did not write", never=_SUGGESTS
         ),
         "out-is-a-file": lambda env, case: Run(_train_args(env, env.store, _write(case / "f", b"x")), "is a file"),
         "not-an-integer": lambda env, case: Run(
@@ -395,7 +399,7 @@ def _train_cases() -> dict[str, Callable[[Env, Path], Run]]:
         ),
         "full-disk-checkpoint": lambda env, case: Run(
             _train_args(env, env.store, case / "run"), "No space left on device", may_write=case / "run",
-            patch=lambda mp: mp.setattr(torch, "save", _no_space),
+            patch=lambda mp: mp.setattr(torch, "save", _no_space), never=(".tmp-",),
         ),
         "unfinished-store": lambda env, case: Run(
             _train_args(env, _unfinish(_store(env, case)), case / "run"), "is unfinished"
@@ -477,6 +481,7 @@ def test_fault(case_id: str, env: Env, tmp_path: Path, monkeypatch: pytest.Monke
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, output
     assert run.phrase in " ".join(output.split()), output
+    assert not [p for p in run.never if p in output], output
     for root in watched:
         after = _snapshot(root)
         changed = sorted(p for p in before[root] if after.get(p) != before[root][p])

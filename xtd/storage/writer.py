@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -218,6 +220,7 @@ class StoreWriter:
         self._part = part_name(rank)
         self._extend = extend
         self._root_meta = self._root_metadata(attrs)
+        self._failed = False  # a write failed: the buffer is lost, the committed part stands
         with self._writing(opening=True):
             self._store = open_zarr_store(url, writable=True)
             self._prepare(overwrite)
@@ -356,8 +359,8 @@ class StoreWriter:
                 or a ``doc_index`` not larger than the previous one.
             ConfigError: the writer is closed or the part is already complete.
         """
-        if self._closed:
-            raise ConfigError("this StoreWriter is closed; open a new one to write more documents")
+        if self._closed or self._failed:
+            raise ConfigError("this StoreWriter is closed (or a write failed); open a new one to write more documents")
         if self.complete:
             raise ConfigError(
                 f"part {self._part!r} of {str(self.url)!r} is already complete; pass --overwrite to rewrite it"
@@ -369,15 +372,26 @@ class StoreWriter:
             with self._writing():
                 self._flush()
 
-    def _writing(self, *, opening: bool = False) -> Any:
-        """OS write failures (full disk, read-only folder) as one error naming the store."""
+    @contextmanager
+    def _writing(self, *, opening: bool = False) -> Iterator[None]:
+        """OS write failures (full disk, read-only folder) as one error naming the store.
+
+        After a failure the writer writes nothing more (``close`` only closes): the half
+        written shard is an orphan the next writer removes, and the part record still
+        names only whole shards.
+        """
         advice = (
             "choose another output path"
             if opening
             else "free space or choose another output path; committed documents are kept and the "
             "same command resumes after them"
         )
-        return writing("store", self.url, advice)
+        try:
+            with writing("store", self.url, advice):
+                yield
+        except BaseException:
+            self._failed = True
+            raise
 
     def _normalise(self, doc: Document) -> Document:
         """Validate one document and cast its arrays to the stored dtypes."""
@@ -507,7 +521,7 @@ class StoreWriter:
             return
         self._closed = True
         try:
-            if not self.complete:
+            if not self.complete and not self._failed:
                 with self._writing():
                     self._flush()
                     if complete:
