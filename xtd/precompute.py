@@ -4,9 +4,13 @@
 :mod:`xtd.scoring` (the forward passes) and :mod:`xtd.storage` (the writer). In order, so that bad input fails before any weights
 load:
 
-1. open the data and resolve the teacher (config, tokenizer, weights digest);
+1. look at ``--out`` (nothing there, or an xtd store; a folder holding anything else
+   is refused, whatever the flags), open the data and resolve the teacher (config,
+   tokenizer, weights digest);
 2. one pass over the records: fingerprint, counts, empty records (skipped and counted),
-   a check that conversations can be rendered;
+   a check that conversations can be rendered, and the fingerprint of as many records
+   as the existing store was written from — equal, they are the same data (the store
+   keeps its description); fewer than now, the store is *extended* with the rest;
 3. open this rank's part of the store — a store written with other settings is refused
    unless ``overwrite`` — and read the resume point ``documents_committed``;
 4. load the model and score this rank's documents (document ``d`` belongs to rank
