@@ -22,7 +22,9 @@ score ≈ 4,600 real tokens with that teacher and report their store in
 ``metrics["real_teacher"]``.
 
 ``python bench/storage.py [--quick]`` prints one JSON line and a table; the
-compressor comparison behind xtd.storage.codecs is in ``metrics["compressors"]``.
+compressor comparison behind xtd.storage.codecs is in ``metrics["compressors"]``, and the
+cost of the read checks (every file checksummed on its first read) in
+``metrics["read_check_speed_ratio"]``: streaming with them ÷ without, alternating runs.
 """
 
 from __future__ import annotations
@@ -331,6 +333,34 @@ def real_teacher_sizes(chunk_rows: int) -> dict[str, Any]:
     }
 
 
+def read_check_cost(url: str, n_tokens: int, repeats: int = 3) -> dict[str, Any]:
+    """Streaming speed with and without the read checks, alternating (xtd.storage.integrity).
+
+    "Without" bypasses :class:`~xtd.storage.integrity.CheckedStore`'s checksum and presence
+    check on ``get`` for this measurement only; the listing at open still runs.
+    """
+    from zarr.storage import WrapperStore
+
+    from xtd.storage.integrity import CheckedStore
+
+    checked_get = CheckedStore.get
+    speeds: dict[str, list[float]] = {"checked": [], "unchecked": []}
+    try:
+        for _ in range(repeats):
+            for mode in speeds:
+                CheckedStore.get = checked_get if mode == "checked" else WrapperStore.get  # type: ignore[method-assign]
+                t0 = time.perf_counter()
+                assert sum(d.num_tokens for d in open_store(url, cache_shards=2).iter_documents()) == n_tokens
+                speeds[mode].append(n_tokens / (time.perf_counter() - t0))
+    finally:
+        CheckedStore.get = checked_get  # type: ignore[method-assign]
+    return {
+        "read_stream_tokens_per_s_checked_runs": [round(x) for x in speeds["checked"]],
+        "read_stream_tokens_per_s_unchecked_runs": [round(x) for x in speeds["unchecked"]],
+        "read_check_speed_ratio": float(np.median(speeds["checked"]) / np.median(speeds["unchecked"])),
+    }
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     tokens = 30_000 if quick else 200_000
     t0 = time.perf_counter()
@@ -368,6 +398,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             window = fresh.read_window(d, start, start + 512)
             latencies.append(time.perf_counter() - t0)
             assert window.num_tokens == 512
+        check_cost = read_check_cost(url, n_tokens)
     per_token = {name: s.stored_bytes / n_tokens for name, s in stats.items()}
     alm = sum(per_token[name] for name in ALM_ARRAYS)
     total = sum(per_token.values())
@@ -386,6 +417,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "read_random_doc_tokens_per_s": random_tokens / random_s,
         "window512_latency_ms_median": 1e3 * float(np.median(latencies)),
         "window512_latency_ms_p95": 1e3 * float(np.percentile(latencies, 95)),
+        **check_cost,
         "compressors": compressors,
         "real_teacher": real,
     }

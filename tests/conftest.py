@@ -135,3 +135,30 @@ def tiny_lm(tok_a, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_lm_b(tok_b, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a random 2-layer Llama (hidden 32) with tok_b."""
     return make_tiny_llama(tok_b, tmp_path_factory.mktemp("tiny_lm_b"), seed=1)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    """Count the fault-injection cases (tests/test_faults.py) per command, and how they ended."""
+    import collections
+
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if "test_faults.py::test_fault[" not in nodeid:
+                continue
+            command = nodeid.split("[", 1)[1].split("-", 1)[0]
+            counts[command][outcome] += 1
+    if not counts:
+        return
+    total = sum(sum(c.values()) for c in counts.values())
+    per_command = ", ".join(f"{cmd} {sum(c.values())}" for cmd, c in sorted(counts.items()))
+    ended = collections.Counter()
+    for c in counts.values():
+        ended.update(c)
+    terminalreporter.write_sep("-", "fault injection")
+    terminalreporter.write_line(f"{total} cases: {per_command}")
+    terminalreporter.write_line(
+        ", ".join(f"{n} {outcome}" for outcome, n in sorted(ended.items()))
+        + " (each passed case: exit 1, one error line, no traceback, no user file changed)"
+    )

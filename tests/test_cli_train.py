@@ -126,12 +126,40 @@ def test_bad_flag_value_names_the_flag(stores: dict[str, Path], tiny_lm_b: Path,
     _assert_one_line_error(result, "--warmup-steps (5) must be smaller than --max-steps (2)", out)
 
 
-def test_used_out_folder_needs_resume_or_overwrite(stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path) -> None:
+def test_a_folder_xtd_did_not_write_is_refused_whatever_the_flags(
+    stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path
+) -> None:
+    from _stores import tree_digest
+
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text("")
-    result = runner.invoke(app, _args(stores["full"], tiny_lm_b, out))
-    assert result.exit_code == 1 and "--resume" in result.output and "--overwrite" in result.output
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text('{"mine": true}')
+    before = tree_digest(out)
+    for flags in ((), ("--resume",), ("--overwrite",)):
+        result = runner.invoke(app, _args(stores["full"], tiny_lm_b, out, *flags))
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        text = " ".join(result.output.split())
+        assert "did not write" in text and "'README.md'" in text and "--overwrite" not in text, text
+    assert tree_digest(out) == before
+
+
+def test_a_used_run_folder_needs_resume_or_overwrite_and_a_rerun_has_nothing_to_do(
+    stores: dict[str, Path], tiny_lm_b: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = _args(stores["full"], tiny_lm_b, out)
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, args)  # the same command, as a Makefile reruns it
+    assert again.exit_code == 0 and '"nothing_to_do": true' in again.output, again.output
+    more = list(args)
+    more[more.index("--max-steps") + 1] = "3"
+    result = runner.invoke(app, more)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--resume" in result.output and "--overwrite" in result.output
+    resumed = runner.invoke(app, [*more, "--resume"])
+    assert resumed.exit_code == 0 and '"steps": 3' in resumed.output, resumed.output
 
 
 def test_max_steps_zero_writes_the_untrained_student(

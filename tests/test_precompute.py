@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,32 @@ def test_config_validation_names_flags() -> None:
         PrecomputeConfig(out="x", rank=1)
     cfg = PrecomputeConfig(out="x", top_k=3)
     assert PrecomputeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_raising_limit_extends_a_finished_store(tiny_lm, tmp_path: Path) -> None:  # noqa: ANN001
+    texts = _texts(45)
+    texts[7] = ""
+    data = _write_jsonl(tmp_path / "data.jsonl", texts)
+    base = {"teacher": str(tiny_lm), "data": str(data), "top_k": 4, "batch_tokens": 256, "shard_tokens": 300}
+    grown = tmp_path / "grown"
+    first = precompute(PrecomputeConfig(out=str(grown), limit=40, **base))
+    assert first.complete and first.documents_written == 39
+    more = precompute(PrecomputeConfig(out=str(grown), limit=41, **base))
+    assert more.complete and more.documents_resumed == 39 and more.documents_written == 1
+    once = tmp_path / "once"
+    precompute(PrecomputeConfig(out=str(once), limit=41, **base))
+    _assert_same(_documents(grown), _documents(once), exact=True)
+    a, b = open_store(str(grown)), open_store(str(once))
+    assert a.complete and a.attrs == b.attrs  # the same description: dataset, limit, fingerprint
+    from xtd.storage import verify_store
+
+    assert verify_store(str(grown)) == []
+    # The same records named another way (here a relative path) are the same data: nothing to do.
+    before = tree_digest(grown)
+    relative = Path(os.path.relpath(data))
+    again = precompute(PrecomputeConfig(out=str(grown), **{**base, "data": str(relative)}, limit=41))
+    assert again.documents_written == 0 and again.complete and tree_digest(grown) == before
+    # Fewer records than the store holds are other data: refused, nothing changed.
+    with pytest.raises(StoreExistsError, match="records"):
+        precompute(PrecomputeConfig(out=str(grown), limit=30, **base))
+    assert tree_digest(grown) == before

@@ -723,6 +723,13 @@ def test_alignment_group_round_trip_and_verify(tmp_path):
         write_alignment(tmp_path / "s", "abc123", iter(records), num_documents=len(reader))
     with pytest.raises(DataError, match="got 3 documents"):
         write_alignment(tmp_path / "s", "short", iter(records[:3]), num_documents=len(reader))
+    assert verify_store(tmp_path / "s") == [] and list_alignments(tmp_path / "s") == ["abc123"]  # no trace
+    # A killed writer leaves its group without a complete record: ignored, and reported.
+    (tmp_path / "s" / "alignments" / "short").mkdir()
+    (tmp_path / "s" / "alignments" / "short" / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"xtd_alignment": {"complete": False}}})
+    )
+    assert list_alignments(tmp_path / "s") == ["abc123"]
     assert any("alignments/short: incomplete" in p for p in verify_store(tmp_path / "s"))
     # Wrong per-document teacher row counts are found by verify.
     bad = [dict(r) for r in records]

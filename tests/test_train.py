@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from xtd.checkpoint import truncate_metrics
 from xtd.config import TrainConfig
 from xtd.errors import ConfigError
 from xtd.train import (
     _format_line,
-    _truncate_metrics,
     latest_checkpoint,
     lr_at,
     save_checkpoint,
@@ -115,17 +115,46 @@ def test_checkpoint_is_atomic_and_latest_wins(tmp_path: Path) -> None:
     latest = latest_checkpoint(tmp_path)
     assert latest is not None and latest.name == "step-00000003"
     assert {p.name for p in latest.iterdir()} == {"trainable.pt", "optimizer.pt", "state.pt", "config.json"}
-    state = torch.load(latest / "state.pt", weights_only=False)
+    state = torch.load(latest / "state.pt", weights_only=True)  # tensors and numbers only
     assert state["step"] == 3 and state["data_position"] == 3 and state["counters"] == {"tokens": 9}
     assert json.loads((latest / "config.json").read_text())["out"] == str(tmp_path)
     weights = torch.load(latest / "trainable.pt")
     assert torch.equal(weights["weight"], model.weight.detach())
 
 
+class _Payload:
+    """Pickles to ``os.system("touch <marker>")``: what a crafted state.pt would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path: Path) -> None:
+    from xtd.checkpoint import load_checkpoint
+    from xtd.errors import CheckpointError
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    cfg = TrainConfig(store=("s",), out=str(tmp_path))
+    ckpt = save_checkpoint(tmp_path, 2, model, opt, cfg, {"tokens": 5})
+    assert load_checkpoint(ckpt, cfg).step == 2  # an xtd checkpoint loads with weights_only=True
+    marker = tmp_path / "PWNED"
+    torch.save({"step": 2, "counters": {}, "rng": _Payload(marker)}, ckpt / "state.pt")
+    with pytest.raises(CheckpointError, match=r"cannot be loaded safely.*unsupported GLOBAL \w+\.system"):
+        load_checkpoint(ckpt, cfg)
+    assert not marker.exists()
+    with open(ckpt / "state.pt", "rb") as fh:  # the payload is real: plain pickle would run it
+        torch.load(fh, weights_only=False)
+    assert marker.exists()
+
+
 def test_truncate_metrics_drops_replayed_steps(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
-    _truncate_metrics(path, 4)
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')  # cut by a kill
+    truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 

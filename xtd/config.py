@@ -516,7 +516,9 @@ class PrecomputeConfig(ConfigBase):
     world_size: int | None = None
     """Number of ranks (default: $WORLD_SIZE from torchrun, else 1); document d goes to rank d % world_size."""
     limit: int | None = None
-    """Read at most this many records (empty ones included)."""
+    """Read at most this many records (empty ones included): a record is one line of a .jsonl
+    file, one row of a dataset, one whole .txt file, or one Shakespeare scene or Bible chapter
+    of the embedded corpus. Raising it on a finished store extends the store."""
     split: str = "train"
     """Split of a datasets dataset."""
     text_field: str | None = None
@@ -552,8 +554,8 @@ class PrecomputeConfig(ConfigBase):
             )
         if self.batch_tokens < 1:
             problems.append(f"{flag('batch_tokens')} ({self.batch_tokens}) must be at least 1")
-        if self.limit is not None and self.limit < 0:
-            problems.append(f"{flag('limit')} ({self.limit}) must be 0 or more")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"{flag('limit')} ({self.limit}) must be at least 1 (it counts records)")
         if self.shard_tokens is not None and self.shard_tokens < 1:
             problems.append(f"{flag('shard_tokens')} ({self.shard_tokens}) must be at least 1")
         if (self.rank is None) != (self.world_size is None):

@@ -26,6 +26,7 @@ import glob
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +287,36 @@ def iter_jsonl(
                 raise DataError(f"{where} is not valid JSON: {exc.msg}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where} is a JSON {type(obj).__name__}, expected an object")
+            if _SURROGATE_ESCAPE.search(raw):  # "\ud800" decodes to a str that is not UTF-8
+                obj = _without_lone_surrogates(obj, where, errors, fix)
             yield line_no, obj
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _without_lone_surrogates(value: Any, where: str, errors: Errors, fix: str) -> Any:
+    """``value`` with every string checked for lone surrogates (JSON escapes of half a pair).
+
+    Raises:
+        DataError: a lone surrogate and ``errors="strict"`` (``"replace"``: U+FFFD).
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            if errors == "replace":
+                return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+            raise DataError(
+                f"{where} holds a lone surrogate (\\u{ord(value[exc.start]):04x}) at character {exc.start} of a "
+                f"string: half of a UTF-16 pair is not text; {fix}"
+            ) from None
+        return value
+    if isinstance(value, dict):
+        return {k: _without_lone_surrogates(v, where, errors, fix) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v, where, errors, fix) for v in value]
+    return value
 
 
 # -- conversations ---------------------------------------------------------------------

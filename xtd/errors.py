@@ -21,6 +21,8 @@ __all__ = [
     "TokenizerMismatchError",
     "ByteIdentityError",
     "ModelLoadError",
+    "OutputError",
+    "CheckpointError",
 ]
 
 
@@ -70,3 +72,11 @@ class ByteIdentityError(TokenizerError):
 
 class ModelLoadError(XtdError, OSError):
     """A model that transformers cannot load from the given name or folder."""
+
+
+class OutputError(XtdError, OSError):
+    """An output path that cannot be written: read-only, not a folder, a full disk."""
+
+
+class CheckpointError(XtdError, OSError):
+    """A training checkpoint that cannot be loaded safely (damaged, foreign or crafted)."""

@@ -4,9 +4,13 @@
 :mod:`xtd.scoring` (the forward passes) and :mod:`xtd.storage` (the writer). In order, so that bad input fails before any weights
 load:
 
-1. open the data and resolve the teacher (config, tokenizer, weights digest);
+1. look at ``--out`` (nothing there, or an xtd store; a folder holding anything else
+   is refused, whatever the flags), open the data and resolve the teacher (config,
+   tokenizer, weights digest);
 2. one pass over the records: fingerprint, counts, empty records (skipped and counted),
-   a check that conversations can be rendered;
+   a check that conversations can be rendered, and the fingerprint of as many records
+   as the existing store was written from — equal, they are the same data (the store
+   keeps its description); fewer than now, the store is *extended* with the rest;
 3. open this rank's part of the store — a store written with other settings is refused
    unless ``overwrite`` — and read the resume point ``documents_committed``;
 4. load the model and score this rank's documents (document ``d`` belongs to rank
@@ -33,6 +37,7 @@ import os
 import queue
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -64,9 +69,13 @@ class PrecomputeProgress:
     documents_total: int
     """Non-empty documents of this rank."""
     tokens: int
-    """Token rows scored in this run."""
+    """Token rows of the documents written in this run."""
     elapsed_s: float
     """Seconds since the teacher started scoring."""
+    forward_tokens: int = 0
+    """Positions the teacher has run in this run, documents still in progress included."""
+    eta_s: float | None = None
+    """Estimated seconds left (from the text bytes still to score); None until known."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -134,14 +143,21 @@ class _Scan:
     rank_empty: int = 0
     conversations: int = 0
     fingerprint: str = ""
+    prefix_fingerprint: str | None = None
+    """Fingerprint of the first ``prefix`` records (None when there are fewer)."""
+    rank_bytes: array = field(default_factory=lambda: array("q"))
+    """Bytes of each of this rank's non-empty records, in order (for the ETA)."""
 
 
-def _scan(source: DataSource, rank: int, world_size: int) -> _Scan:
-    """One pass over the records: fingerprint and counts (no tokenisation)."""
+def _scan(source: DataSource, rank: int, world_size: int, prefix: int | None = None) -> _Scan:
+    """One pass over the records: fingerprints and counts (no tokenisation)."""
     h = hashlib.sha256()
     scan = _Scan()
     for record in source:
-        h.update(record_fingerprint_bytes(record))
+        if scan.records == prefix:
+            scan.prefix_fingerprint = h.hexdigest()[:16]
+        body = record_fingerprint_bytes(record)
+        h.update(body)
         scan.records += 1
         mine = record.index % world_size == rank
         if record.messages is not None:
@@ -149,10 +165,28 @@ def _scan(source: DataSource, rank: int, world_size: int) -> _Scan:
         if record.is_empty:
             scan.empty += 1
             scan.rank_empty += mine
-        else:
-            scan.rank_documents += mine
+        elif mine:
+            scan.rank_documents += 1
+            scan.rank_bytes.append(len(body) - 9)
     scan.fingerprint = h.hexdigest()[:16]
+    if scan.records == prefix:
+        scan.prefix_fingerprint = scan.fingerprint
     return scan
+
+
+def _same_or_more_data(existing: dict[str, Any] | None, scan: _Scan) -> str | None:
+    """``"same"`` or ``"more"`` when the store holds (a prefix of) these very records, else None.
+
+    Compared by content: the fingerprint of the records the store was written from
+    against the fingerprint of as many records of the data now, so a relative and an
+    absolute path to one file, or a ``--limit`` beyond its end, are the same data.
+    """
+    old = (existing or {}).get("dataset")
+    if not isinstance(old, dict) or scan.prefix_fingerprint is None:
+        return None
+    if scan.prefix_fingerprint != old.get("fingerprint"):
+        return None
+    return "same" if scan.records == old.get("records") else "more"
 
 
 def precompute(
@@ -177,14 +211,18 @@ def precompute(
         StoreExistsError: the store holds other settings and ``overwrite`` is False.
         KeyboardInterrupt: after committed work is safely closed.
     """
-    from xtd.storage import StoreWriter
+    from xtd.storage import StoreWriter, existing_store
     from xtd.teacher import load_teacher, resolve_dtype, resolve_teacher
     from xtd.tokenization import BOUNDARY_CLASSES
 
     rank, world_size = resolve_rank(config.rank, config.world_size)
+    existing = existing_store(config.out)  # a foreign or unwritable --out fails here, at once
     source = DataSource(
         config.data, split=config.split, text_field=config.text_field, limit=config.limit, errors=config.errors
     )
+    where = source.describe()["source"]
+    if next(iter(source), None) is None:
+        raise DataError(f"dataset {where!r} is empty (no records{' within --limit' if config.limit else ''})")
     teacher_source = resolve_teacher(config.teacher, revision=config.revision)
     vocab = teacher_source.vocab_size
     if config.top_k > vocab:
@@ -203,10 +241,8 @@ def precompute(
             )
         logger.warning("--max-length %d exceeds the teacher's context; using %d", max_length, limit)
         max_length = limit
-    scan = _scan(source, rank, world_size)
-    where = source.describe()["source"]
-    if scan.records == 0:
-        raise DataError(f"dataset {where!r} is empty (no records{' within --limit' if config.limit else ''})")
+    old_records = ((existing or {}).get("dataset") or {}).get("records")
+    scan = _scan(source, rank, world_size, old_records if isinstance(old_records, int) else None)
     if scan.records == scan.empty:
         raise DataError(f"dataset {where!r} has {scan.records} records and all of them are empty")
     if scan.conversations and config.chat_template == "auto" and not getattr(
@@ -254,7 +290,17 @@ def precompute(
         ),
         "token_slot": "not written (v1): special tokens are rows with empty byte spans",
     }
-    writer_kwargs: dict[str, Any] = {}
+    relation = None if config.overwrite else _same_or_more_data(existing, scan)
+    if relation == "same" and existing is not None:
+        # The very records the store was written from: keep its description of them.
+        attrs["dataset"] = existing["dataset"]
+        settings["limit"] = (existing.get("settings") or {}).get("limit")
+    elif relation == "more":
+        logger.info(
+            "extending store %r: its %d records are the first of the %d now given",
+            str(config.out), existing["dataset"]["records"], scan.records,  # type: ignore[index]
+        )
+    writer_kwargs: dict[str, Any] = {"extend": relation == "more"}
     if config.shard_tokens is not None:
         writer_kwargs["shard_tokens"] = config.shard_tokens
     writer = StoreWriter(
@@ -284,7 +330,7 @@ def precompute(
         settings=settings,
     )
     if writer.complete:
-        logger.info("part %d of %r is already complete; nothing to do", rank, str(config.out))
+        logger.info("store %r (part %d) already holds these documents; nothing to do", str(config.out), rank)
         writer.close(complete=False)
         return result
     if committed:
@@ -308,12 +354,30 @@ def precompute(
         result,
         with_loss_spans=scan.conversations > 0,
     )
-    from xtd.scoring import score_documents
+    from xtd.scoring import ScoreStats, score_documents
 
     background = _BackgroundWriter(writer)
     started = time.perf_counter()
-    if progress is not None:  # the first pool takes a while: show the total at once
-        progress(PrecomputeProgress(committed, scan.rank_documents, 0, 0.0))
+    todo_bytes = sum(scan.rank_bytes[committed:])
+
+    def report(stats: ScoreStats) -> None:
+        if progress is None:
+            return
+        elapsed = time.perf_counter() - started
+        eta = None
+        if stats.planned_bytes and stats.forward_tokens and elapsed > 0:
+            # Forward tokens still to run: the bytes left at the tokens per byte seen so far.
+            left = todo_bytes * stats.planned_tokens / stats.planned_bytes - stats.forward_tokens
+            eta = max(0.0, left) / (stats.forward_tokens / elapsed)
+        progress(
+            PrecomputeProgress(
+                committed + result.documents_written, scan.rank_documents, result.tokens, elapsed,
+                stats.forward_tokens, eta,
+            )
+        )
+
+    stats = ScoreStats()
+    report(stats)  # the first pool takes a while: show the total at once
     try:
         documents = score_documents(
             teacher,
@@ -324,20 +388,14 @@ def precompute(
             batch_tokens=config.batch_tokens,
             hidden=config.hidden,
             skip=committed,
+            stats=stats,
+            on_batch=report,
         )
         for doc in documents:
             background.put(doc)
             result.documents_written += 1
             result.tokens += doc.num_tokens
-            if progress is not None:
-                progress(
-                    PrecomputeProgress(
-                        documents_done=committed + result.documents_written,
-                        documents_total=scan.rank_documents,
-                        tokens=result.tokens,
-                        elapsed_s=time.perf_counter() - started,
-                    )
-                )
+            report(stats)
         background.finish()
     except BaseException:
         # Ctrl-C or an error: documents already queued are complete, so write them;

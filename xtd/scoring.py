@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,10 @@ class ScoreStats:
     padded_tokens: int = 0
     batches: int = 0
     forward_seconds: float = 0.0
+    planned_tokens: int = 0
+    """Forward tokens of every window of the pools started so far (for progress estimates)."""
+    planned_bytes: int = 0
+    """Text bytes of the pools started so far."""
 
 
 def plan_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -189,6 +193,7 @@ def score_documents(
     stats: ScoreStats | None = None,
     logits_budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES,
     pool_bytes: int | None = None,
+    on_batch: Callable[[ScoreStats], None] | None = None,
 ) -> Iterator[Any]:
     """Run the teacher over documents; yields :class:`xtd.storage.Document` in input order.
 
@@ -207,6 +212,8 @@ def score_documents(
         logits_budget_bytes: bound on the fp32 logits held at once.
         pool_bytes: text bytes per pool (default :func:`pool_bytes_for` ``(batch_tokens)``);
             a resumed run must use the same value as the first.
+        on_batch: called with ``stats`` after every forward batch (progress: a pool of
+            long documents may run for minutes before its first document is done).
 
     Raises:
         ConfigError: ``top_k`` larger than the vocabulary, bad window settings.
@@ -217,7 +224,7 @@ def score_documents(
     if batch_tokens < 1:
         raise ConfigError(f"--batch-tokens must be >= 1, got {batch_tokens}")
     plan_windows(0, max_length, stride)  # validates
-    opts = _Options(top_k, max_length, stride, batch_tokens, hidden, logits_budget_bytes)
+    opts = _Options(top_k, max_length, stride, batch_tokens, hidden, logits_budget_bytes, on_batch)
     stats = stats if stats is not None else ScoreStats()
     position = 0
     for pool in _pools(inputs, pool_bytes or pool_bytes_for(batch_tokens)):
@@ -237,6 +244,7 @@ class _Options:
     batch_tokens: int
     hidden: bool
     logits_budget_bytes: int
+    on_batch: Callable[[ScoreStats], None] | None = None
 
 
 @dataclass
@@ -384,6 +392,8 @@ def _score_pool(teacher: Teacher, pool: list[TeacherInput], opts: _Options, stat
             for start, end, new_from in plan_windows(n, opts.max_length, opts.stride):
                 windows.append(_Window(d, start, end, new_from))
                 pending[d] += 1
+    stats.planned_tokens += sum(w.end - w.start for w in windows)
+    stats.planned_bytes += sum(len(text) for text, _, _ in encoded)
     next_doc = 0
 
     def finished() -> Iterator[Any]:
@@ -414,6 +424,8 @@ def _score_pool(teacher: Teacher, pool: list[TeacherInput], opts: _Options, stat
     for batch in plan_batches([w.end - w.start for w in windows], opts.batch_tokens):
         group = [windows[i] for i in batch]
         _run_batch(teacher, group, [encoded[w.doc][1].ids for w in group], outputs, opts, stats)
+        if opts.on_batch is not None:
+            opts.on_batch(stats)
         for w in group:
             pending[w.doc] -= 1
         yield from finished()

@@ -22,12 +22,10 @@ do not expect. The maths is that of DDP with ``no_sync`` accumulation.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,15 +38,22 @@ import torch.distributed as dist
 
 from xtd.batching import DataSpec, Pieces, StepDataset, StepPlan, estimate_piece_rows
 from xtd.checkpoint import (
-    CHECKPOINT_DIR,
+    METRICS_FILE,
+    append_metrics,
+    apply_checkpoint,
+    finish_run_folder,
+    inspect_run_folder,
     latest_checkpoint,
+    load_checkpoint,
+    prepare_run_folder,
     prune_checkpoints,
-    restore_checkpoint,
     save_checkpoint,
+    save_model_into,
     trainable_parameters,
+    truncate_metrics,
 )
 from xtd.config import TrainConfig, flag
-from xtd.errors import ConfigError, StoreExistsError, StoreFormatError, TokenizerMismatchError
+from xtd.errors import ConfigError, StoreFormatError, TokenizerMismatchError
 from xtd.objective import (
     TOPK_LOSSES,
     LossSetup,
@@ -58,12 +63,11 @@ from xtd.objective import (
     mined_setup,
     trainable_last_block,
 )
+from xtd.outputs import read_run_marker
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["train", "TrainResult", "lr_at", "check_inputs"]
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -76,6 +80,7 @@ class TrainResult:
         tokens: student tokens trained on (all ranks, padding excluded).
         losses: the last step's loss terms (``loss`` = weighted sum), empty if no step ran.
         history: one metrics record per logged step of this process's run.
+        nothing_to_do: ``--out`` already held this finished run; nothing was trained.
     """
 
     out: Path
@@ -83,6 +88,7 @@ class TrainResult:
     tokens: int
     losses: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    nothing_to_do: bool = False
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, schedule: str = "linear") -> float:
@@ -168,16 +174,22 @@ def _alignment_cache_digests(url: str) -> list[str]:
     return list_alignments(url)
 
 
-def _usable_cache(url: str, digest: str, config: TrainConfig) -> str | None:
+def _usable_cache(url: str, reader: Any, digest: str, config: TrainConfig) -> str | None:
     """The cache digest to read for ``url``, when it fits this run (unconstrained chunks)."""
     if config.alm_chunks != "unconstrained" or digest not in _alignment_cache_digests(url):
         return None
     from xtd.storage import read_alignment
 
-    names = set(read_alignment(url, digest).names)
+    cache = read_alignment(url, digest)
     needed = {"student_ids", "student_spans", "student_chunk", "teacher_chunk"}
-    if not needed <= names:
-        logger.warning("alignment cache %s of %s lacks %s; aligning on the fly", digest, url, sorted(needed - names))
+    if not needed <= set(cache.names):
+        logger.warning("alignment cache %s of %s lacks %s; aligning on the fly", digest, url, sorted(needed - set(cache.names)))
+        return None
+    if len(cache) != len(reader):  # the store was extended after `xtd align --cache`
+        logger.warning(
+            "alignment cache %s of %s covers %d of the store's %d documents; aligning on the fly "
+            "(rerun xtd align --cache to refresh it)", digest, url, len(cache), len(reader),
+        )
         return None
     return digest
 
@@ -294,7 +306,11 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     names = config.loss_names()
     weights = config.loss_weight_map()
 
-    # 1. Checks that need no model: stores, losses, tokenizers.
+    # 1. Checks that need no model: the run folder, stores, losses, tokenizers.
+    if inspect_run_folder(out, config) == "done":
+        logger.info("%s %r already holds this finished run; nothing to do", flag("out"), str(out))
+        marker = read_run_marker(out) or {}
+        return TrainResult(out=out, steps=config.max_steps, tokens=int(marker.get("tokens") or 0), nothing_to_do=True)
     readers = [open_store(url) for url in config.store]
     student_tokenizer = (
         load_tokenizer(config.tokenizer) if config.tokenizer else model_tokenizer(config.model_config or config.student)
@@ -302,16 +318,17 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
     check_inputs(config, readers, student_tokenizer)
     evaluator = TrainEvaluator.from_config(config, student_tokenizer) if ctx.main else None  # learning curves
 
-    # 2. The run folder: fresh, resumed or overwritten.
+    # 2. The run folder: fresh, resumed or overwritten (every rank has inspected it first;
+    # a checkpoint is read and checked before anything in the folder changes).
     checkpoint = latest_checkpoint(out) if config.resume else None
+    loaded = load_checkpoint(checkpoint, config) if checkpoint is not None else None
+    ctx.barrier()
     if ctx.main:
-        _prepare_run_folder(out, config)
+        prepare_run_folder(out, config)
     ctx.barrier()
 
     # 3. The student (seeded, so a resumed run rebuilds the same frozen weights).
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    _seed_everything(config.seed)
     student = load_student(
         None if config.model_config else config.student,
         tokenizer=student_tokenizer,
@@ -341,13 +358,16 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
 
     # 5. Resume: weights, optimizer, RNG and data position.
     start_step, counters = 0, {"tokens": 0, "documents": 0, "elapsed_s": 0.0}
-    if checkpoint is not None:
-        start_step, counters = restore_checkpoint(checkpoint, root, optimizer, config, ctx.device)
+    if loaded is not None:
+        apply_checkpoint(loaded, root, optimizer)
+        start_step, counters = loaded.step, loaded.counters
         logger.info("resuming from %s (step %d)", checkpoint, start_step)
         if ctx.main:
-            _truncate_metrics(out / METRICS_FILE, start_step)
+            truncate_metrics(out / METRICS_FILE, start_step)
     elif config.resume:
         logger.info("no checkpoint in %s; starting from step 0", out)
+        if ctx.main:  # records of a run killed before its first checkpoint are replayed
+            truncate_metrics(out / METRICS_FILE, 0)
 
     # 6. Data: this rank's micro-batches of each step, prepared in DataLoader workers.
     pieces = _pieces(config, readers, student.tokenizer)
@@ -372,7 +392,9 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         merge=config.merge,
         merge_threshold=config.merge_threshold,
         losses=names,
-        alignment_cache=tuple(_usable_cache(url, student.tokenizer.digest, config) for url in config.store),
+        alignment_cache=tuple(
+            _usable_cache(url, r, student.tokenizer.digest, config) for url, r in zip(config.store, readers, strict=True)
+        ),
         pieces=pieces,
     )
     loader = torch.utils.data.DataLoader(
@@ -473,8 +495,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
             history.append(record)
             if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
                 logger.info(_format_line(record, names))
-                with open(out / METRICS_FILE, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                append_metrics(out, record)
             if progress is not None:
                 progress(record)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.max_steps:
@@ -497,7 +518,10 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
             "final_losses": last,
         }
         student.model = model
-        _save_into(student, out, card)
+        from xtd.student import save_student
+
+        save_model_into(lambda staging: save_student(student, staging, card=card, overwrite=True), out)
+        finish_run_folder(out, config.max_steps, int(counters["tokens"]))
     ctx.barrier()
     return TrainResult(out=out, steps=config.max_steps, tokens=int(counters["tokens"]), losses=last, history=history)
 
@@ -555,43 +579,7 @@ def _pieces(config: TrainConfig, readers: list[Any], student_tokenizer: Any) -> 
     return pieces
 
 
-def _prepare_run_folder(out: Path, config: TrainConfig) -> None:
-    used = out.exists() and any(out.iterdir())
-    if used and config.overwrite:
-        for name in (CHECKPOINT_DIR, METRICS_FILE):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    elif used and not config.resume:
-        raise StoreExistsError(
-            f"{flag('out')} {str(out)!r} is not empty; pass {flag('resume')} to continue its run or "
-            f"{flag('overwrite')} to start afresh"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
-
-def _save_into(student: Any, out: Path, card: dict[str, Any]) -> None:
-    """Save the HF folder next to ``out``, then move its files in (``out`` keeps the run files)."""
-    from xtd.student import save_student
-
-    staging = out.parent / f".{out.name}-model-{os.getpid()}"
-    save_student(student, staging, card=card, overwrite=True)
-    for path in staging.iterdir():
-        target = out / path.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(path, target)
-    staging.rmdir()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics records after ``step`` (written before a kill, replayed after the resume)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -12,6 +12,7 @@ of every document of a teacher store and keeps them under
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +27,8 @@ from xtd.config import AlignConfig, flag
 from xtd.console import progress_bar, results
 from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
+
+logger = logging.getLogger(__name__)
 
 EXAMPLES = """\
 Examples:
@@ -85,7 +88,10 @@ def align_command(
         if as_json:
             raise ConfigError("--json applies to --text/--input, not to --cache")
         count = cache_alignment(cache, config)
-        _out.print(f"cached the alignment of {count} documents in {cache!r}", highlight=False)
+        if count is None:
+            _out.print(f"{cache!r} already caches this student tokenizer's alignment; nothing to do", highlight=False)
+        else:
+            _out.print(f"cached the alignment of {count} documents in {cache!r}", highlight=False)
         return
     if config.teacher_tokenizer is None:
         raise ConfigError("--teacher-tokenizer is required with --text or --input")
@@ -182,7 +188,7 @@ def _print_table(record: dict[str, Any], text: str, teacher: Any, student: Any, 
 # -- --cache -------------------------------------------------------------------------
 
 
-def cache_alignment(url: str, config: AlignConfig) -> int:
+def cache_alignment(url: str, config: AlignConfig) -> int | None:
     """Cache the student tokens and chunk ids of every document of the store at ``url``.
 
     Each document gets ``student_ids`` (S,) int32, ``student_spans`` (S, 2) int32,
@@ -191,13 +197,17 @@ def cache_alignment(url: str, config: AlignConfig) -> int:
     student mirrors a leading teacher special token (bos) with its own bos, and
     teacher rows with empty spans (or ``token_slot`` ≠ 0) are slot units.
 
+    A complete cache of this student tokenizer that covers every document is kept
+    (nothing to do) unless ``--overwrite``; one that covers fewer documents (the store was
+    extended since) is rebuilt.
+
     Returns:
-        The number of documents cached.
+        The number of documents cached, or None when the cache was already there.
 
     Raises:
         TokenizerMismatchError: ``--teacher-tokenizer`` differs from the store's.
     """
-    from xtd.storage import open_store, write_alignment
+    from xtd.storage import list_alignments, open_store, read_alignment, write_alignment
     from xtd.tokenization import load_tokenizer, tokenizer_from_json
 
     reader = open_store(url)
@@ -213,6 +223,12 @@ def cache_alignment(url: str, config: AlignConfig) -> int:
             )
     student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=config.allow_strip_unicode_normalizer)
     num_documents = len(reader)
+    overwrite = config.overwrite
+    if not overwrite and student.digest in list_alignments(url):
+        if len(read_alignment(url, student.digest)) == num_documents:
+            return None
+        logger.info("the cached alignment of %r covers fewer documents than the store; rebuilding it", url)
+        overwrite = True
     attrs = {
         "student_tokenizer": config.student_tokenizer,
         "student_digest": student.digest,
@@ -229,7 +245,7 @@ def cache_alignment(url: str, config: AlignConfig) -> int:
                 yield from _align_documents(docs, student, where=f"store {url!r}, documents from {lo}")
                 progress.update(task, advance=len(docs))
 
-    write_alignment(url, student.digest, documents(), num_documents=num_documents, attrs=attrs, overwrite=config.overwrite)
+    write_alignment(url, student.digest, documents(), num_documents=num_documents, attrs=attrs, overwrite=overwrite)
     return num_documents
 
 

@@ -62,7 +62,14 @@ def precompute_command(
     world_size: Annotated[
         int | None, typer.Option(help="Number of ranks (default: $WORLD_SIZE, else 1); document d goes to rank d % N.")
     ] = _D.world_size,
-    limit: Annotated[int | None, typer.Option(help="Read at most this many records.")] = _D.limit,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Read at most this many records, empty ones included: one .jsonl line, one dataset row, one "
+            ".txt file, or one scene/chapter of the embedded corpus (up to ~22 KB each). Raising it on a "
+            "finished store adds the new records."
+        ),
+    ] = _D.limit,
     split: Annotated[str, typer.Option(help="Split of a datasets dataset.")] = _D.split,
     text_field: Annotated[
         str | None, typer.Option(help="Field with the text or messages (default: text, messages or conversations).")
@@ -116,11 +123,13 @@ def precompute_command(
         def on_progress(p: PrecomputeProgress) -> None:
             if not task:
                 task.append(bar.add_task("documents", total=p.documents_total, completed=0, tokens="0", rate="-"))
+            rate = p.forward_tokens / p.elapsed_s if p.elapsed_s > 0 else 0.0
             bar.update(
                 task[0],
                 completed=p.documents_done,
-                tokens=f"{p.tokens:,}",
-                rate=f"{p.tokens_per_s:,.0f}",
+                tokens=f"{p.forward_tokens:,}",
+                rate=f"{rate:,.0f}",
+                eta_s=p.eta_s,
             )
 
         result = precompute(config, progress=on_progress)

@@ -174,8 +174,14 @@ def train_command(
             terms = " ".join(f"{n} {record[n]:.3f}" for n in names)
             rate = record["tokens_per_s"]
             progress.update(
-                task, completed=record["step"], info=f"loss {record['loss']:.3f} ({terms}) | {rate:,.0f} tok/s"
+                task,
+                completed=record["step"],
+                info=f"loss {record['loss']:.3f} ({terms}) | {rate:,.0f} tok/s",
+                eta_s=record["eta_s"],
             )
 
         result = train(config, progress=report)
-    typer.echo(json.dumps({"out": str(result.out), "steps": result.steps, "tokens": result.tokens, "losses": result.losses}))
+    summary = {"out": str(result.out), "steps": result.steps, "tokens": result.tokens, "losses": result.losses}
+    if result.nothing_to_do:
+        summary["nothing_to_do"] = True
+    typer.echo(json.dumps(summary))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from xtd.storage.alignments import AlignmentReader, list_alignments, read_alignment, write_alignment
 from xtd.storage.codecs import TOPK_CODECS, decode_topk, encode_topk, q8_error_bound
 from xtd.storage.format import BOUNDARY_CLASSES, FORMAT_NAME, FORMAT_VERSION, Document
+from xtd.storage.identity import existing_store
 from xtd.storage.reader import ArrayStat, StoreReader, open_store
 from xtd.storage.verify import VerifyReport, verify_store, verify_store_report
 from xtd.storage.writer import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_TOKENS, StoreWriter
@@ -30,6 +31,7 @@ __all__ = [
     "VerifyReport",
     "decode_topk",
     "encode_topk",
+    "existing_store",
     "list_alignments",
     "open_store",
     "q8_error_bound",

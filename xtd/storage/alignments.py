@@ -26,6 +26,7 @@ from xtd.storage.format import (
     ALIGNMENT_ATTR,
     CHECKSUM_ALGORITHM,
     StoreUrl,
+    describe_url,
     file_checksums,
     list_dir,
     open_zarr_store,
@@ -34,6 +35,7 @@ from xtd.storage.format import (
     remove_node,
     write_group_json,
 )
+from xtd.storage.integrity import CheckedStore, check_key, decoding
 
 __all__ = ["write_alignment", "read_alignment", "list_alignments", "AlignmentReader"]
 
@@ -92,9 +94,31 @@ def write_alignment(
             f"store {str(url)!r} already caches alignment {digest!r}; pass --overwrite to rebuild it"
         )
     remove_node(store, path)
-    if read_group_attrs(store, "alignments") is None:
+    new_parent = read_group_attrs(store, "alignments") is None
+    if new_parent:
         write_group_json(store, "alignments", {})
     write_group_json(store, path, {ALIGNMENT_ATTR: {"complete": False}})
+    try:
+        _fill(store, path, digest, documents, num_documents, attrs)
+    except BaseException:
+        # A failed write (bad input, a damaged store read while aligning, Ctrl-C) leaves
+        # nothing behind; only a killed writer leaves an incomplete group, which readers
+        # ignore and verify reports.
+        remove_node(store, path)
+        if new_parent and list_dir(store, "alignments/") in ([], ["zarr.json"]):
+            remove_node(store, "alignments")
+        raise
+
+
+def _fill(
+    store: Any,
+    path: str,
+    digest: str,
+    documents: Iterable[Mapping[str, np.ndarray]],
+    num_documents: int,
+    attrs: dict[str, Any] | None,
+) -> None:
+    """Write the arrays of one alignment group, then its record (``complete: true``)."""
     group = zarr.open_group(store, path=path, mode="r+")
     arrays: dict[str, zarr.Array] = {}
     offsets: dict[str, list[int]] = {}
@@ -169,8 +193,11 @@ class AlignmentReader:
     """Random access to one cached alignment group: ``reader[d] -> {name: rows}``."""
 
     def __init__(self, url: StoreUrl, digest: str) -> None:
-        self._store = open_zarr_store(url, writable=False)
+        where = describe_url(url)
+        # Files are checked against the group's checksum list on first read (as shards are).
+        self._store = CheckedStore(open_zarr_store(url, writable=False), where=where)
         read_root_meta(self._store, url)
+        check_key(digest, what="alignment digest", where=where)
         path = f"alignments/{digest}"
         meta = (read_group_attrs(self._store, path) or {}).get(ALIGNMENT_ATTR)
         if meta is None or not meta.get("complete"):
@@ -179,15 +206,21 @@ class AlignmentReader:
             )
         self.digest = digest
         self.attrs: dict[str, Any] = meta.get("attrs", {})
-        self.names: tuple[str, ...] = tuple(meta["arrays"])
+        names = meta.get("arrays")
+        if not isinstance(names, list):
+            raise StoreFormatError(f"store {where!r}: {path} lists no arrays; run xtd verify")
+        self.names: tuple[str, ...] = tuple(check_key(n, what="array name", where=where) for n in names)
         self._len = int(meta["documents"])
-        self._arrays = {
-            n: zarr.open_array(self._store, path=f"{path}/{n}", mode="r") for n in self.names
-        }
-        self._offsets = {
-            n: zarr.open_array(self._store, path=f"{path}/{n}_offsets", mode="r")[...]
-            for n in self.names
-        }
+        self._store.expect(path, meta.get("files"))
+        self._store.check_present(path)
+        with decoding(where, f"cached alignment {digest!r}", "rebuild it with xtd align --cache --overwrite"):
+            self._arrays = {
+                n: zarr.open_array(self._store, path=f"{path}/{n}", mode="r") for n in self.names
+            }
+            self._offsets = {
+                n: zarr.open_array(self._store, path=f"{path}/{n}_offsets", mode="r")[...]
+                for n in self.names
+            }
 
     def __len__(self) -> int:
         return self._len

@@ -31,6 +31,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from xtd.errors import ConfigError, StoreFormatError, StoreNotFoundError
+from xtd.outputs import check_output_folder
 from xtd.storage.codecs import codec_params
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "part_name",
     "shard_name",
     "describe_quantities",
+    "describe_url",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,8 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}"
 
 
-def _describe(url: StoreUrl) -> str:
+def describe_url(url: StoreUrl) -> str:
+    """How messages name a store: its path or URL as given."""
     return str(url) if not isinstance(url, Store) else repr(url)
 
 
@@ -147,13 +150,22 @@ def _make_store(url: StoreUrl, *, writable: bool) -> Store:
 
     Raises:
         StoreNotFoundError: a local path (folder or zip) that does not exist, when reading.
-        ConfigError: a zip file opened for writing.
+        ConfigError: a zip file opened for writing; a URL scheme fsspec cannot open.
+        OutputError: a local folder that cannot be written, when writing.
     """
     if isinstance(url, Store):
         return url
     text = str(url)
     if "://" in text and not text.startswith("file://"):
-        return FsspecStore.from_url(text, read_only=not writable)
+        try:
+            return FsspecStore.from_url(text, read_only=not writable)
+        except ImportError as exc:  # e.g. "Install s3fs to access S3"
+            raise ConfigError(
+                f"cannot open {text!r}: {exc} (fsspec reads {text.split('://')[0]}:// URLs through "
+                "that package; pip install it, or use a local path)"
+            ) from None
+        except ValueError as exc:  # "Protocol not known: foo"
+            raise ConfigError(f"cannot open {text!r}: {exc}; use a local path or an fsspec URL") from None
     path = Path(text.removeprefix("file://")).expanduser()
     if path.suffix.lower() == ".zip":
         if writable:
@@ -169,6 +181,8 @@ def _make_store(url: StoreUrl, *, writable: bool) -> Store:
         )
     if not writable and not path.is_dir():
         raise StoreFormatError(f"{text!r} is a file, not an xtd store folder (or .zip of one)")
+    if writable:
+        check_output_folder(path, what="store")
     return LocalStore(path, read_only=not writable)
 
 
@@ -286,7 +300,7 @@ def read_root_meta(store: Store, url: StoreUrl) -> dict[str, Any]:
         StoreFormatError: not a Zarr group, a Zarr group that is not an xtd store, a
             different format, or an unsupported ``format_version``.
     """
-    where = _describe(url)
+    where = describe_url(url)
     try:
         attrs = read_group_attrs(store, "")
     except FileNotFoundError:

@@ -19,6 +19,7 @@ classes, ``H`` hidden size.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from xtd.errors import CorruptShardError, StoreFormatError
 from xtd.storage.codecs import decode_topk, topk_array_names, unpack_topk
 from xtd.storage.format import (
     PART_ATTR,
@@ -34,10 +36,15 @@ from xtd.storage.format import (
     TOKEN_ARRAYS_REQUIRED,
     Document,
     StoreUrl,
+    checksum,
+    describe_url,
+    group_key,
     open_zarr_store,
+    read_bytes,
     read_group_attrs,
     read_root_meta,
 )
+from xtd.storage.integrity import CheckedStore, check_key, check_part_record, decoding
 
 if TYPE_CHECKING:
     import torch.utils.data
@@ -64,6 +71,7 @@ class _Shard:
     name: str
     path: str
     arrays: tuple[str, ...]  # array names in this shard
+    files: dict[str, Any]  # the shard's checksum list (xtd_shard.files)
     doc_token_offsets: np.ndarray  # (D_s + 1,) int64
     doc_byte_offsets: np.ndarray  # (D_s + 1,) int64
 
@@ -95,7 +103,10 @@ class StoreReader:
 
     def __init__(self, url: StoreUrl, *, cache_shards: int = 4) -> None:
         self.url = url
-        self._store = open_zarr_store(url, writable=False)
+        where = describe_url(url)
+        # Every committed file is checked against its shard's checksum list on first read,
+        # and a listed file that is absent is an error, never zarr's fill value.
+        self._store = CheckedStore(open_zarr_store(url, writable=False), where=where)
         self.attrs: dict[str, Any] = read_root_meta(self._store, url)
         layout = self.attrs.get("layout", {})
         self.tokenizer_json: str = self.attrs.get("tokenizer_json", "")
@@ -107,23 +118,32 @@ class StoreReader:
         self.parts: dict[str, dict[str, Any] | None] = {}
         self._shards: list[_Shard] = []
         doc_index_chunks: list[np.ndarray] = []
-        for part in self.attrs.get("manifest", {}).get("parts", []):
+        manifest = self.attrs.get("manifest")
+        parts = manifest.get("parts") if isinstance(manifest, dict) else None
+        if not isinstance(parts, list):
+            raise StoreFormatError(f"store {where!r}: the root manifest holds no list of parts")
+        for part in parts:
+            check_key(part, what="part name", where=where)
             record = (read_group_attrs(self._store, part) or {}).get(PART_ATTR)
             self.parts[part] = record
             if record is None:
                 continue
-            for entry in record["shards"]:
+            check_part_record(record, part, where=where)
+            entries = [(f"{part}/{e['name']}", e) for e in record["shards"]]
+            files = [self._shard_files(path, entry) for path, entry in entries]
+            self._store.check_present(part)
+            for (path, entry), listed in zip(entries, files, strict=True):
                 names = self._array_names(entry.get("optional_arrays") or [])
-                path = f"{part}/{entry['name']}"
-                doc_index_chunks.append(self._open(path, "doc_index")[...])
+                doc_index_chunks.append(self._read_all(path, "doc_index"))
                 self._shards.append(
                     _Shard(
                         part=part,
                         name=entry["name"],
                         path=path,
                         arrays=names,
-                        doc_token_offsets=self._open(path, "doc_token_offsets")[...],
-                        doc_byte_offsets=self._open(path, "doc_byte_offsets")[...],
+                        files=listed,
+                        doc_token_offsets=self._read_all(path, "doc_token_offsets"),
+                        doc_byte_offsets=self._read_all(path, "doc_byte_offsets"),
                     )
                 )
         self.complete: bool = bool(self.parts) and all(
@@ -162,8 +182,38 @@ class StoreReader:
             names += ["loss_span_offsets", "loss_spans"]
         return ("text", *names)
 
+    def _shard_files(self, path: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """Check a shard's ``zarr.json`` against the part record; register its checksum list."""
+        where = self._store.where
+        blob = read_bytes(self._store, group_key(path))
+        if blob is None or checksum(blob) != entry.get("zarr_json_crc32c"):
+            what = "is missing" if blob is None else "does not match the checksum in the part record"
+            raise CorruptShardError(
+                f"store {where!r} is damaged: {group_key(path)} {what}; `xtd verify {where}` lists "
+                "every problem"
+            )
+        try:
+            files = json.loads(blob)["attributes"][SHARD_ATTR]["files"]
+        except (ValueError, KeyError, TypeError):
+            raise StoreFormatError(
+                f"store {where!r}: {group_key(path)} holds no shard record with a checksum list; "
+                f"`xtd verify {where}` lists every problem"
+            ) from None
+        self._store.expect(path, files)
+        return files
+
+    def _decoding(self, path: str, name: str) -> Any:
+        where = self._store.where
+        return decoding(where, f"array {name!r} of {path}", f"`xtd verify {where}` lists every problem")
+
     def _open(self, path: str, name: str) -> zarr.Array:
-        return zarr.open_array(self._store, path=f"{path}/{name}", mode="r")
+        with self._decoding(path, name):
+            return zarr.open_array(self._store, path=f"{path}/{name}", mode="r")
+
+    def _read_all(self, path: str, name: str) -> np.ndarray:
+        arr = self._open(path, name)
+        with self._decoding(path, name):
+            return arr[...]
 
     def _handle(self, s: int, name: str) -> zarr.Array:
         key = (s, name)
@@ -231,7 +281,9 @@ class StoreReader:
         cached = self._cache.get(s)
         if cached is not None:
             return cached[name][lo:hi]
-        return self._handle(s, name)[lo:hi]
+        arr = self._handle(s, name)
+        with self._decoding(self._shards[s].path, name):
+            return arr[lo:hi]
 
     def _document(self, s: int, j: int, t0: int, t1: int, *, topk: bool = True, hidden: bool = True) -> Document:
         shard = self._shards[s]
@@ -269,7 +321,7 @@ class StoreReader:
         }
         table = self._tables.get(s)
         if table is None:
-            table = self._tables[s] = self._handle(s, "topk_id_table")[...]
+            table = self._tables[s] = self._rows(s, "topk_id_table", 0, None)  # type: ignore[arg-type]
         stored["topk_id_table"] = table
         return unpack_topk(stored, self.topk_codec)
 
@@ -277,7 +329,7 @@ class StoreReader:
         cached = self._cache.get(s)
         if cached is not None:
             return int(cached["doc_index"][j])
-        return int(self._handle(s, "doc_index")[j])
+        return int(self._rows(s, "doc_index", j, j + 1)[0])
 
     # ----------------------------------------------------------------- streaming
 
@@ -287,10 +339,11 @@ class StoreReader:
             self._cache.move_to_end(s)
             return
         shard = self._shards[s]
-        data = {name: self._handle(s, name)[...] for name in (*shard.arrays, "doc_index")}
+        data = {name: self._rows(s, name, 0, None) for name in (*shard.arrays, "doc_index")}  # type: ignore[arg-type]
         if self.top_k:
             # Decode the whole shard's top-k once: documents then slice it.
-            ids, values = unpack_topk(data, self.topk_codec)
+            with self._decoding(shard.path, "topk_ids"):
+                ids, values = unpack_topk(data, self.topk_codec)
             for name in topk_array_names(self.topk_codec):
                 del data[name]
             data["topk_ids"], data["topk_values"] = ids, values
@@ -342,8 +395,7 @@ class StoreReader:
         dtypes: dict[str, str] = {}
         tails: dict[str, tuple[int, ...]] = {}
         for s, shard in enumerate(self._shards):
-            meta = (read_group_attrs(self._store, shard.path) or {}).get(SHARD_ATTR, {})
-            for rel, info in meta.get("files", {}).items():
+            for rel, info in shard.files.items():
                 name = rel.split("/", 1)[0]
                 stored[name] = stored.get(name, 0) + int(info["bytes"])
             for name in (*shard.arrays, "doc_index", "doc_token_offsets", "doc_byte_offsets"):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from xtd.errors import StoreFormatError
 from xtd.storage.codecs import decode_topk, topk_stored_dtype, unpack_topk
 from xtd.storage.format import (
     ALIGNMENT_ATTR,
@@ -32,6 +33,7 @@ from xtd.storage.format import (
     SHARD_ATTR,
     StoreUrl,
     checksum,
+    describe_url,
     group_key,
     list_dir,
     list_prefix,
@@ -43,6 +45,7 @@ from xtd.storage.format import (
     special_token_ids,
     tokenizer_vocab_size,
 )
+from xtd.storage.integrity import check_key, check_part_record
 
 __all__ = ["VerifyReport", "verify_store", "verify_store_report"]
 
@@ -81,18 +84,33 @@ def verify_store_report(url: StoreUrl) -> VerifyReport:
     store = open_zarr_store(url, writable=False)
     meta = read_root_meta(store, url)
     report = VerifyReport(problems=[])
-    ctx = _Context(store, meta, report)
+    ctx = _Context(store, meta, report, where=describe_url(url))
     manifest = meta.get("manifest", {})
-    parts = manifest.get("parts", [])
-    if not parts:
+    parts = manifest.get("parts", []) if isinstance(manifest, dict) else None
+    if not isinstance(parts, list) or not parts:
         report.problems.append("the root manifest lists no parts")
+        parts = []
     all_doc_index: list[np.ndarray] = []
     complete = bool(parts)
     for part in parts:
-        record = (read_group_attrs(store, part) or {}).get(PART_ATTR)
+        if not ctx.safe_key(part, "part name"):
+            complete = False
+            continue
+        try:
+            record = (read_group_attrs(store, part) or {}).get(PART_ATTR)
+        except StoreFormatError as exc:
+            report.problems.append(f"{part}/zarr.json: {exc}")
+            complete = False
+            continue
         if record is None:
             complete = False
             logger.info("part %s has not been written yet", part)
+            continue
+        try:
+            check_part_record(record, part, where=ctx.where)
+        except StoreFormatError as exc:
+            report.problems.append(str(exc))
+            complete = False
             continue
         complete &= bool(record.get("complete"))
         doc_index = ctx.check_part(part, record)
@@ -113,8 +131,9 @@ def verify_store_report(url: StoreUrl) -> VerifyReport:
 class _Context:
     """State shared by the checks of one store."""
 
-    def __init__(self, store: Any, meta: dict[str, Any], report: VerifyReport) -> None:
+    def __init__(self, store: Any, meta: dict[str, Any], report: VerifyReport, *, where: str) -> None:
         self.store = store
+        self.where = where
         self.meta = meta
         self.report = report
         layout = meta.get("layout", {})
@@ -138,6 +157,15 @@ class _Context:
     def problem(self, text: str) -> None:
         self.report.problems.append(text)
 
+    def safe_key(self, key: Any, what: str) -> bool:
+        """Whether ``key`` (from metadata) stays inside the store; a problem if not (never read)."""
+        try:
+            check_key(key, what=what, where=self.where)
+        except StoreFormatError:
+            self.problem(f"{what} {key!r} is not a key inside the store (absolute, '..' or a scheme); not read")
+            return False
+        return True
+
     # ----------------------------------------------------------------- parts
 
     def check_part(self, part: str, record: dict[str, Any]) -> np.ndarray:
@@ -151,7 +179,7 @@ class _Context:
         doc_index_parts = []
         totals = np.zeros(3, dtype=np.int64)
         for entry in shards:
-            path = f"{part}/{entry['name']}"
+            path = f"{part}/{entry['name']}"  # names checked by check_part_record
             totals += (
                 int(entry.get("documents", 0)),
                 int(entry.get("tokens", 0)),
@@ -182,6 +210,9 @@ class _Context:
 
     def check_files(self, path: str, files: dict[str, dict[str, Any]]) -> bool:
         """Checksums and sizes of every listed file under ``path``; False if any is bad."""
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            self.problem(f"{path}/zarr.json: no valid checksum list (files)")
+            return False
         ok = True
         present = {k[len(path) + 1 :] for k in list_prefix(self.store, f"{path}/")}
         present = {
@@ -192,6 +223,9 @@ class _Context:
                 self.problem(f"{path}/{rel}: file not listed in the shard's checksums")
                 ok = False
         for rel, info in sorted(files.items()):
+            if not self.safe_key(rel, f"file key of {path}"):
+                ok = False
+                continue
             blob = read_bytes(self.store, f"{path}/{rel}")
             self.report.files_checked += 1
             if blob is None:
@@ -472,6 +506,8 @@ class _Context:
                 self.problem(f"{path}: covers {docs} documents; the store has {n_docs}")
                 continue
             for name in meta.get("arrays", []):
+                if not self.safe_key(name, f"array name of {path}"):
+                    continue
                 try:
                     off = open_array(self.store, f"{path}/{name}_offsets")[...]
                     rows = open_array(self.store, f"{path}/{name}").shape[0]

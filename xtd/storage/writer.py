@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,6 +29,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
+from xtd.outputs import writing
 from xtd.storage.codecs import (
     TOPK_CODECS,
     compressors_for,
@@ -46,7 +49,6 @@ from xtd.storage.format import (
     StoreUrl,
     checksum,
     describe_quantities,
-    digest_text,
     file_checksums,
     list_dir,
     open_zarr_store,
@@ -56,6 +58,15 @@ from xtd.storage.format import (
     shard_name,
     write_group_json,
 )
+from xtd.storage.identity import (
+    ALIGNMENTS_DIR,
+    EXTENDABLE,
+    classify,
+    differences,
+    identity,
+    is_part_name,
+)
+from xtd.storage.integrity import check_part_record
 
 __all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays"]
 
@@ -63,10 +74,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_TOKENS = 1 << 17  # 131,072 rows: a shard file of top-32 q8 is ≈ 4 MB raw
 DEFAULT_CHUNK_ROWS = 2048  # a random 512-token window touches one or two chunks
-
-# Root attributes that, when they differ, make a store "written with other settings".
-_IDENTITY_ATTRS = ("settings", "teacher", "dataset", "boundary_classes", "text_coverage")
-
 
 def _xtd_version() -> str:
     try:
@@ -166,14 +173,20 @@ class StoreWriter:
         hidden_size: H of the stored hidden states, or None for none.
         topk_codec: ``"q8"`` or ``"fp16"`` (xtd.storage.codecs).
         rank: this writer's part; world_size: number of parts.
-        overwrite: replace this part (and a store written with other settings).
+        overwrite: replace this part (and a store written with other settings). Only an
+            xtd store is ever replaced, and only what writers create in it (parts, cached
+            alignments, the root ``zarr.json``); a folder holding anything else is refused.
+        extend: the caller has checked that the stored documents are a prefix of the
+            documents it will write (more records of the same data): ``dataset`` and
+            ``settings.limit`` may differ from the store's, the root metadata is replaced by
+            ``attrs``, and a complete part is reopened to append the new documents.
         shard_tokens: a shard is written once the buffer holds at least this many rows.
         chunk_rows: rows per chunk inside a shard file.
 
     Raises:
         ConfigError: invalid arguments or attrs.
-        StoreExistsError: the store holds data written with other settings (or is not an
-            xtd store) and ``overwrite`` is False.
+        StoreExistsError: the store holds data written with other settings and
+            ``overwrite`` is False, or the folder holds anything that is not an xtd store.
         StoreFormatError: the existing store is of another format version.
     """
 
@@ -188,6 +201,7 @@ class StoreWriter:
         rank: int = 0,
         world_size: int = 1,
         overwrite: bool = False,
+        extend: bool = False,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
@@ -203,10 +217,13 @@ class StoreWriter:
         self.shard_tokens = shard_tokens
         self.chunk_rows = chunk_rows
         self.boundary_classes = tuple(attrs["boundary_classes"])
-        self._store = open_zarr_store(url, writable=True)
         self._part = part_name(rank)
+        self._extend = extend
         self._root_meta = self._root_metadata(attrs)
-        self._prepare(overwrite)
+        self._failed = False  # a write failed: the buffer is lost, the committed part stands
+        with self._writing(opening=True):
+            self._store = open_zarr_store(url, writable=True)
+            self._prepare(overwrite)
         self._buffer: list[Document] = []
         self._buffered_tokens = 0
         self._closed = False
@@ -238,54 +255,40 @@ class StoreWriter:
         )
         return meta
 
-    def _identity(self, meta: dict[str, Any]) -> dict[str, Any]:
-        ident = {key: meta.get(key) for key in _IDENTITY_ATTRS}
-        ident["text_coverage"] = ident["text_coverage"] or "full"
-        ident["tokenizer_json"] = digest_text(meta.get("tokenizer_json") or "")
-        layout = meta.get("layout", {})
-        for key in ("top_k", "topk_codec", "hidden_size", "shard_tokens", "chunk_rows"):
-            ident[key] = layout.get(key)
-        ident["world_size"] = meta.get("manifest", {}).get("world_size")
-        ident["format_version"] = meta.get("format_version")
-        return ident
-
     def _prepare(self, overwrite: bool) -> None:
         store, where = self._store, str(self.url)
-        try:
-            root_attrs = read_group_attrs(store, "")
-        except StoreFormatError:  # an array or foreign metadata at the root
-            root_attrs = {}
-        existing = None if root_attrs is None else root_attrs.get(ROOT_ATTR)
-        # Other ranks may already have created their parts: those are not foreign content.
-        foreign = [c for c in list_dir(store, "") if c != "zarr.json" and not _is_part_name(c)]
-        is_xtd = isinstance(existing, dict) and existing.get("format") == FORMAT_NAME
-        if not overwrite:
-            if not is_xtd and (root_attrs is not None or foreign):
-                raise StoreExistsError(
-                    f"{where!r} already holds data that is not an xtd store; choose another "
-                    f"path or pass --overwrite to replace it"
-                )
-            if is_xtd and existing.get("format_version") != FORMAT_VERSION:
+        existing, children = classify(store, where)
+        is_xtd = existing is not None
+        if is_xtd and not overwrite:
+            if existing.get("format_version") != FORMAT_VERSION:
                 raise StoreFormatError(
                     f"store {where!r} is format_version {existing.get('format_version')!r}; this "
                     f"xtd writes version {FORMAT_VERSION} — pass --overwrite to replace it"
                 )
-            if is_xtd:
-                diffs = _differences(self._identity(existing), self._identity(self._root_meta))
-                if diffs:
-                    raise StoreExistsError(
-                        f"store {where!r} was written with other settings ({'; '.join(diffs)}); "
-                        f"pass --overwrite to replace it, or use another output path"
-                    )
-        if overwrite:
-            # Each rank replaces its own part; rank 0 also removes whatever is no other
-            # rank's part, so concurrent ranks never delete each other's fresh work.
+            ignored = EXTENDABLE if self._extend else ()
+            diffs = differences(
+                identity(existing, ignored), identity(self._root_meta, ignored)
+            )
+            if diffs:
+                raise StoreExistsError(
+                    f"store {where!r} was written with other settings ({'; '.join(diffs)}); "
+                    f"pass --overwrite to replace it, or use another output path"
+                )
+        if is_xtd and overwrite:
+            # Only what a writer creates is removed: each rank replaces its own part; rank 0
+            # also removes parts of no current rank and the cached alignments. Any other file
+            # in the folder is left where it is.
             keep = {part_name(r) for r in range(self.world_size) if r != self.rank}
-            for child in list_dir(store, ""):
-                if child == self._part or (
-                    self.rank == 0 and child not in keep and child != "zarr.json"
-                ):
+            for child in children:
+                ours = is_part_name(child) or child == ALIGNMENTS_DIR
+                if child == self._part or (self.rank == 0 and ours and child not in keep):
                     remove_node(store, child)
+        if self._extend and is_xtd and not overwrite:
+            # Reopen the part before the root names the new data: a kill between the two
+            # writes leaves a resumable part, never a complete one missing documents.
+            self._load_part()
+            write_group_json(store, "", {ROOT_ATTR: self._root_meta})
+            return
         if overwrite or not is_xtd:
             write_group_json(store, "", {ROOT_ATTR: self._root_meta})
         self._load_part()
@@ -293,7 +296,9 @@ class StoreWriter:
     def _load_part(self) -> None:
         attrs = read_group_attrs(self._store, self._part)
         record = (attrs or {}).get(PART_ATTR)
-        if record is None:
+        if record is not None:
+            check_part_record(record, self._part, where=str(self.url))
+        else:
             record = {
                 "rank": self.rank,
                 "world_size": self.world_size,
@@ -304,6 +309,9 @@ class StoreWriter:
                 "complete": False,
                 "shards": [],
             }
+        reopened = self._extend and bool(record.get("complete"))
+        if reopened:
+            record["complete"] = False
         self._record: dict[str, Any] = record
         # Anything of this part that no commit lists is an orphan of a killed writer.
         committed = {s["name"] for s in record["shards"]}
@@ -314,7 +322,7 @@ class StoreWriter:
                 "removing uncommitted %s/%s left by an interrupted writer", self._part, child
             )
             remove_node(self._store, f"{self._part}/{child}")
-        if attrs is None:
+        if attrs is None or reopened:
             self._commit_record()
         elif record["documents_committed"]:
             logger.info(
@@ -351,8 +359,8 @@ class StoreWriter:
                 or a ``doc_index`` not larger than the previous one.
             ConfigError: the writer is closed or the part is already complete.
         """
-        if self._closed:
-            raise ConfigError("this StoreWriter is closed; open a new one to write more documents")
+        if self._closed or self._failed:
+            raise ConfigError("this StoreWriter is closed (or a write failed); open a new one to write more documents")
         if self.complete:
             raise ConfigError(
                 f"part {self._part!r} of {str(self.url)!r} is already complete; pass --overwrite to rewrite it"
@@ -361,7 +369,29 @@ class StoreWriter:
         self._buffer.append(doc)
         self._buffered_tokens += doc.num_tokens
         if self._buffered_tokens >= self.shard_tokens:
-            self._flush()
+            with self._writing():
+                self._flush()
+
+    @contextmanager
+    def _writing(self, *, opening: bool = False) -> Iterator[None]:
+        """OS write failures (full disk, read-only folder) as one error naming the store.
+
+        After a failure the writer writes nothing more (``close`` only closes): the half
+        written shard is an orphan the next writer removes, and the part record still
+        names only whole shards.
+        """
+        advice = (
+            "choose another output path"
+            if opening
+            else "free space or choose another output path; committed documents are kept and the "
+            "same command resumes after them"
+        )
+        try:
+            with writing("store", self.url, advice):
+                yield
+        except BaseException:
+            self._failed = True
+            raise
 
     def _normalise(self, doc: Document) -> Document:
         """Validate one document and cast its arrays to the stored dtypes."""
@@ -490,12 +520,15 @@ class StoreWriter:
         if self._closed:
             return
         self._closed = True
-        if not self.complete:
-            self._flush()
-            if complete:
-                self._record["complete"] = True
-                self._commit_record()
-        self._store.close()
+        try:
+            if not self.complete and not self._failed:
+                with self._writing():
+                    self._flush()
+                    if complete:
+                        self._record["complete"] = True
+                        self._commit_record()
+        finally:
+            self._store.close()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -542,31 +575,6 @@ def _check_args(
         raise ConfigError(
             f"shard_tokens ({shard_tokens}) and chunk_rows ({chunk_rows}) must be positive"
         )
-
-
-def _is_part_name(name: str) -> bool:
-    return name.startswith("part-") and name[5:].isdigit()
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable ``key: store value vs new value`` lines for every differing leaf."""
-    out: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif _normal(a) != _normal(b):
-            out.append(f"{prefix}{key}: {_short(a)} in the store vs {_short(b)} now")
-    return out
-
-
-def _normal(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _short(value: Any) -> str:
-    text = repr(_normal(value))
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _concatenate(
