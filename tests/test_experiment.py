@@ -128,4 +128,4 @@ def test_gpu_recipe_dry_run_prints_commands_that_parse_to_its_configs(
 
 
 class _Result:
-    out, steps, tokens, losses = "x", 0, 0, {}
+    out, steps, tokens, losses, nothing_to_do = "x", 0, 0, {}, False
