@@ -159,11 +159,10 @@ def _make_store(url: StoreUrl, *, writable: bool) -> Store:
     if "://" in text and not text.startswith("file://"):
         try:
             return FsspecStore.from_url(text, read_only=not writable)
-        except ImportError as exc:  # e.g. "Install s3fs to access S3"
-            raise ConfigError(
-                f"cannot open {text!r}: {exc} (fsspec reads {text.split('://')[0]}:// URLs through "
-                "that package; pip install it, or use a local path)"
-            ) from None
+        except ImportError as exc:  # e.g. "Install s3fs to access S3": name the xtd extra
+            from xtd.storage.remote import missing_package_error
+
+            raise missing_package_error(text, exc) from None
         except ValueError as exc:  # "Protocol not known: foo"
             raise ConfigError(f"cannot open {text!r}: {exc}; use a local path or an fsspec URL") from None
     path = Path(text.removeprefix("file://")).expanduser()
