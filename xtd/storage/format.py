@@ -158,7 +158,9 @@ def _make_store(url: StoreUrl, *, writable: bool) -> Store:
     text = str(url)
     if "://" in text and not text.startswith("file://"):
         try:
-            return FsspecStore.from_url(text, read_only=not writable)
+            # No listings cache: another writer (or process) may have changed the store since.
+            options = {"use_listings_cache": False}
+            return FsspecStore.from_url(text, storage_options=options, read_only=not writable)
         except ImportError as exc:  # e.g. "Install s3fs to access S3": name the xtd extra
             from xtd.storage.remote import missing_package_error
 
