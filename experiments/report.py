@@ -122,6 +122,27 @@ def _diagnostics_table(target: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _tasks_table(setting: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """lm-eval's offline tasks beside bits per byte: byte-normalised accuracy (plain accuracy), seed 0."""
+    rows = [("teacher", setting["teacher"].get("tasks")), ("FVT initialisation", target.get("fvt_tasks"))]
+    rows += [(m, r.get("tasks")) for m, r in target["methods"].items()]
+    rows = [(m, t) for m, t in rows if t]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(name for _, t in rows for name in t))
+    docs = max(m.get("num_examples", 0) for _, t in rows for m in t.values())
+    lines = [f"lm-eval tasks (`xtd eval --tasks`, {docs} documents each, 4 choices, chance 0.25; seed 0; "
+             "`xtd_next_line` is held out of all training data, `xtd_next_verse` is the distillation domain):", ""]
+    lines += ["| model | " + " | ".join(f"{n}: acc_bytes (acc)" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for model, tasks in rows:
+        cells = []
+        for n in names:
+            m = tasks.get(n)
+            cells.append("–" if not m else f"{m.get('acc_bytes', float('nan')):.3f} ({m.get('acc', float('nan')):.3f})")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """Every setting of ``experiment.json`` as tables (bits per byte: lower is better)."""
     out = ["# Distillation fidelity: Table 1 in the paper's setting", ""]
@@ -152,6 +173,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             out += _target_table(setting, name, target) + [""]
             out += ["Validation bits per byte after the last step, seed 0, per learning rate (chosen in bold):", ""]
             out += _grid_table(target) + [""]
+            out += _tasks_table(setting, target)
             diag = _diagnostics_table(target)
             if diag:
                 out += ["Diagnostics on the in-domain held-out text (seed 0; merged groups as the ALM loss "

@@ -121,6 +121,7 @@ class Size:
     lrs: tuple[float, ...]
     seeds: int
     methods: tuple[str, ...]
+    task_docs: int = 200  # documents per lm-eval task (xtd_next_verse, xtd_next_line), seed-0 students
 
 
 DEFAULT = Size(
@@ -133,7 +134,7 @@ QUICK = Size(
     teacher_documents=120, passage_bytes=200, distill_passages=48, eval_passages=6, teacher_vocab=512, student_vocab=384,
     hidden=32, layers=2, teacher_tokens=120_000, teacher_batch=16, teacher_length=128, teacher_lr=3e-3,
     sample_tokens=48, epochs=2, subword_batch=8, subword_length=128, byte_batch=8, byte_length=448,
-    lrs=(1e-3, 3e-3), seeds=2, methods=("SFT", "ALM+SFT"),
+    lrs=(1e-3, 3e-3), seeds=2, methods=("SFT", "ALM+SFT"), task_docs=40,
 )
 
 
@@ -239,6 +240,20 @@ def pretrain_teacher(tokenizer_json: Path, documents: list[str], size: Size, fol
 # --------------------------------------------------------------------------------------
 
 
+def task_scores(folder: str | Path, max_length: int, limit: int) -> dict[str, dict[str, float]]:
+    """The offline lm-eval tasks (``xtd eval --tasks xtd_next_verse,xtd_next_line``) on a saved model.
+
+    ``xtd_next_line`` (*The Tempest*) is held out of the teacher's and the students' data: it
+    measures retention. ``xtd_next_verse`` (the last chapters of the New Testament) is the
+    distillation domain; some of its chapters may be in the distillation slice.
+    """
+    from xtd.eval_tasks import LOCAL_TASKS, run_tasks
+    from xtd.lm_eval_model import load_xtd_lm
+
+    lm = load_xtd_lm([str(folder)], max_length=max_length, batch_size=16)
+    return run_tasks(lm, LOCAL_TASKS, limit=limit)
+
+
 def run(size: Size, out: Path, *, quick: bool) -> dict:
     """Run setting A into ``out``; returns its results (also saved in ``experiment.json``)."""
     work = out / "experiment-work" / "A"
@@ -281,6 +296,7 @@ def run(size: Size, out: Path, *, quick: bool) -> dict:
     precompute(PrecomputeConfig(out=str(held_store), teacher=str(teacher), data=str(held), top_k=0,
                                 max_length=512, stride=128, overwrite=True))
     teacher_scores = score_folder(teacher, sets, size.teacher_length)
+    teacher_tasks = task_scores(teacher, size.teacher_length, size.task_docs)
     console.print("[bold]teacher[/] bits/byte: " + ", ".join(f"{k} {v:.4f}" for k, v in teacher_scores.items()))
 
     # 2. Students: each target, each method (lr grid + seeds).
@@ -299,7 +315,7 @@ def run(size: Size, out: Path, *, quick: bool) -> dict:
         "size": dataclasses.asdict(size),
         "data": {name: {"texts": len(texts), "bytes": sum(len(t.encode()) for t in texts)}
                  for name, texts in {**sets, "distill": data["distill"], "teacher_documents": data["teacher_documents"]}.items()},
-        "teacher": {**teacher_info, "bits_per_byte": teacher_scores},
+        "teacher": {**teacher_info, "bits_per_byte": teacher_scores, "tasks": teacher_tasks},
         "protocol": dataclasses.asdict(protocol),
         "targets": {},
     }
@@ -314,6 +330,7 @@ def run(size: Size, out: Path, *, quick: bool) -> dict:
             "steps": target.steps, "batch_size": target.batch_size, "max_length": target.max_length,
             "eval_every": target.eval_every, "settings": target.settings, "fvt": fvt,
             "fvt_diagnostics": alm_diagnostics(fvt_dir, held_store, max_length=target.max_length),
+            "fvt_tasks": task_scores(fvt_dir, target.max_length, size.task_docs),
             "methods": {},
         }
         setting["targets"][target.name] = entry
@@ -321,6 +338,7 @@ def run(size: Size, out: Path, *, quick: bool) -> dict:
             result = run_method(str(store), str(teacher), target, method, sets, work / "runs", protocol,
                                 log=console.print)
             result["summary"] = summarise_runs(result, fvt, teacher_scores)
+            result["tasks"] = task_scores(result["model_dir"], target.max_length, size.task_docs)
             result["diagnostics"] = alm_diagnostics(result.pop("model_dir"), held_store, max_length=target.max_length)
             entry["methods"][method.name] = result
             setting["minutes"] = round((time.perf_counter() - started) / 60, 1)

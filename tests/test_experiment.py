@@ -55,6 +55,11 @@ def test_quick_setting_a_runs_every_method_on_every_evaluation_set(tmp_path: Pat
             diag = result["diagnostics"]
             assert diag["groups"] > 0 and 0 <= diag["dropped_share"] < 1
             assert sum(b["groups"] for b in diag["buckets"]) == diag["groups"]
+    for target in setting["targets"].values():  # the lm-eval tasks beside bits per byte
+        for tasks in (setting["teacher"]["tasks"], target["fvt_tasks"], *(r["tasks"] for r in target["methods"].values())):
+            assert set(tasks) == {"xtd_next_verse", "xtd_next_line"}
+            assert all(t["num_examples"] == 40 and 0 <= t["acc_bytes"] <= 1 for t in tasks.values())
+    assert "xtd_next_line: acc_bytes (acc)" in table
     assert "bytes" in setting["targets"]
     byte_losses = {m: r["losses"] for m, r in setting["targets"]["bytes"]["methods"].items()}
     assert byte_losses == {"SFT": "sft", "ALM+SFT": "alm+sft+latents"}  # the paper's byte recipe
@@ -94,6 +99,25 @@ def test_diagnostics_groups_are_the_groups_the_alm_loss_compares(
     summary = summarise_groups(parts)
     assert summary["groups"] == sum(p["contributing"] for p in parts) > 0
     assert sum(b["groups"] for b in summary["buckets"]) == summary["groups"]
+
+
+def test_table1_reports_lm_eval_tasks_beside_bits_per_byte(experiments_on_path: None, tiny_lm: Path) -> None:
+    import report
+    from table1 import task_scores
+
+    from xtd.eval_tasks import run_tasks
+    from xtd.lm_eval_model import load_xtd_lm
+
+    scores = task_scores(tiny_lm, 128, 3)
+    assert scores == run_tasks(load_xtd_lm([str(tiny_lm)], max_length=128), ("xtd_next_verse", "xtd_next_line"), limit=3)
+    assert all(s["num_examples"] == 3 for s in scores.values())
+    setting = {"teacher": {"tasks": scores}}
+    target = {"fvt_tasks": scores, "methods": {"ALM+SFT": {"tasks": scores}, "SFT": {}}}
+    lines = report._tasks_table(setting, target)
+    verse = scores["xtd_next_verse"]
+    assert f"| ALM+SFT | {verse['acc_bytes']:.3f} ({verse['acc']:.3f}) |" in "\n".join(lines)
+    assert "3 documents each" in lines[0] and not any(line.startswith("| SFT |") for line in lines)
+    assert report._tasks_table({"teacher": {}}, {"methods": {}}) == []  # older results render as before
 
 
 def test_gpu_recipe_dry_run_prints_commands_that_parse_to_its_configs(

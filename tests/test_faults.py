@@ -227,7 +227,7 @@ def _precompute_cases() -> dict[str, Callable[[Env, Path], Run]]:
             base(env, good(case), _truncated_root(_store(env, case)), "--overwrite"), "cannot be read"
         ),
         "s3-without-s3fs": lambda env, case: Run(
-            base(env, good(case), "s3://bucket/x"), "s3fs"
+            base(env, good(case), "s3://bucket/x"), "pip install 'xtd[s3]'", patch=_without_s3fs
         ),
         "lone-surrogate": lambda env, case: Run(
             base(env, _write(case / "d.jsonl", b'{"text": "a \\ud800 b"}\n'), case / "out"), "lone surrogate",
@@ -425,7 +425,8 @@ def _align_cases() -> dict[str, Callable[[Env, Path], Run]]:
         "input-invalid-utf8": lambda env, case: Run(text_args(_write(case / "t.jsonl", b'{"text": "\xff"}\n')), "byte"),
         "input-missing": lambda env, case: Run(text_args(case / "nope.jsonl"), "does not exist"),
         "cache-s3-without-s3fs": lambda env, case: Run(
-            ["align", "--cache", "s3://bucket/store", "--student-tokenizer", "bytes"], "s3fs"
+            ["align", "--cache", "s3://bucket/store", "--student-tokenizer", "bytes"], "pip install 'xtd[s3]'",
+            patch=_without_s3fs,
         ),
     }
 
@@ -504,6 +505,18 @@ class _Payload:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (os.system, (f"touch {self.marker}",))
+
+
+def _without_s3fs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine without the s3 extra: ``import s3fs`` fails and fsspec has not cached it."""
+    import sys
+
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    for proto in ("s3", "s3a"):
+        if proto in _registry:
+            monkeypatch.delitem(_registry, proto)
 
 
 def _assert_absent(path: Path) -> None:

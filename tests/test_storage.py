@@ -348,8 +348,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _data_files(folder: Path) -> dict[str, bytes]:
-    # Everything except the root zarr.json (it records the xtd version only).
-    return {k: v for k, v in _files(folder).items() if k != "zarr.json"}
+    # Everything except the root zarr.json (it records the xtd version only) and the store
+    # card (README.md: it names the store's own path).
+    return {k: v for k, v in _files(folder).items() if k not in ("zarr.json", "README.md")}
 
 
 def test_resume_after_close_incomplete_matches_uninterrupted(tmp_path):
@@ -399,7 +400,10 @@ def test_writer_touches_the_root_only_when_creating_the_store(tmp_path, monkeypa
     url = tmp_path / "store"
     write_store(url, make_docs(5, 40), shard_tokens=100)
     assert open_store(url).num_shards > 3
-    assert [p for p in touched if p.parent == url] == [url / "zarr.json"]
+    # Besides the root zarr.json, only the store card (README.md, rewritten at open and
+    # close) is written at the root; readers, verify and push never look at its temp files.
+    assert [p for p in touched if p.parent == url and p.name != "README.md"] == [url / "zarr.json"]
+    assert (url / "README.md") in touched
     part = url / "part-00000"
     assert {p.name for p in touched if p.parent == part} == {"zarr.json"}  # the part's commits
 

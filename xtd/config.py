@@ -412,6 +412,10 @@ class EvalConfig(ConfigBase):
     """Prompts the samples continue (cycled): .txt (one per line) or .jsonl (field ``text``); default none."""
     samples_out: str | None = None
     """Write the teacher samples here as JSON lines (``--text`` scores the file later)."""
+    tasks: tuple[str, ...] = ()
+    """lm-eval tasks (xtd_next_verse, xtd_next_line, any lm-eval task, a task YAML): accuracies."""
+    task_limit: int | None = None
+    """At most this many documents per --tasks task."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -442,7 +446,10 @@ class EvalConfig(ConfigBase):
         for group in self.ensemble:
             if len([m for m in group.split(",") if m.strip()]) < 2:
                 problems.append(f"{flag('ensemble')} {group!r} must list at least two models, comma-separated")
-        if self.ensemble and self.text is None and self.held_out_documents() is None and self.sample_from is None:
+        if self.task_limit is not None and self.task_limit < 1:
+            problems.append(f"{flag('task_limit')} ({self.task_limit}) must be at least 1")
+        if self.ensemble and self.text is None and self.held_out_documents() is None and self.sample_from is None \
+                and not self.tasks:
             problems.append(f"{flag('ensemble')} scores text: pass {flag('text')} or {flag('held_out')}")
         bad = [c for c in self.combine if c not in EVAL_COMBINE_RULES]
         if bad or not self.combine:
@@ -464,7 +471,7 @@ class EvalConfig(ConfigBase):
         """How many held-out documents to score, or None (score --text, or only run --task)."""
         if self.held_out is not None:
             return self.held_out
-        if self.text is None and self.task is None and self.sample_from is None:
+        if self.text is None and self.task is None and self.sample_from is None and not self.tasks:
             return EVAL_DEFAULT_HELD_OUT
         return None
 

@@ -157,6 +157,7 @@ class EvalRow:
     tokenizer: str
     likelihood: EvalResult | None
     task: TaskResult | None
+    benchmarks: dict[str, dict[str, float]] | None = None  # lm-eval --tasks: {task: {metric: value}}
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-able dict (what ``xtd eval --json`` prints per row)."""
@@ -169,6 +170,8 @@ class EvalRow:
                 task_examples=self.task.num_examples,
                 task_correct=self.task.num_correct,
             )
+        if self.benchmarks is not None:
+            out["tasks"] = self.benchmarks
         return out
 
 
@@ -327,6 +330,7 @@ def score_windows(
     batch_size: int,
     combine: Sequence[str] = ("single",),
     on_batch: Callable[[int], None] | None = None,
+    on_tokens: Callable[[str, int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, tuple[float, int]]:
     """Total NLL (nats) and number of scored tokens of ``seqs`` under one model or an ensemble.
 
@@ -337,6 +341,9 @@ def score_windows(
         batch_size: windows per forward pass (right-padded).
         combine: ``"single"`` for one model; any of ``"p"``, ``"logp"`` for ensembles.
         on_batch: called with the number of tokens scored after each batch.
+        on_tokens: ``on_tokens(rule, text, first, logprob (N,), greedy (N,) bool)`` per window:
+            the log-prob of each scored target ``first … first+N-1`` of text ``text`` and
+            whether it is the argmax (xtd.lm_eval_model scores continuations with it).
 
     Returns:
         ``{rule: (nll_nats, num_tokens)}`` per entry of ``combine``.
@@ -367,7 +374,7 @@ def score_windows(
         with torch.inference_mode():
             logits = [m(input_ids=ids, attention_mask=mask).logits for m in models]  # M × (B, L, V)
             vocab = min(x.shape[-1] for x in logits)
-            for row, (_, (begin, end, first)) in enumerate(batch):
+            for row, (t, (begin, end, first)) in enumerate(batch):
                 # Logits at window position q predict the token at q + 1.
                 rows = slice(first - begin - 1, end - begin - 1)
                 target = ids[row, first - begin : end - begin]  # (N,)
@@ -381,7 +388,10 @@ def score_windows(
                         logp = member_logp.logsumexp(0) - math.log(len(models))
                     else:  # "logp"
                         logp = member_logp.mean(0).log_softmax(-1)
-                    totals[rule] -= float(logp.gather(-1, target[:, None]).sum())
+                    token_logp = logp.gather(-1, target[:, None])[:, 0]  # (N,)
+                    totals[rule] -= float(token_logp.sum())
+                    if on_tokens is not None:
+                        on_tokens(rule, t, first, token_logp, logp.argmax(-1) == target)
                 count += end - first
         del logits
         if on_batch is not None:
@@ -593,6 +603,11 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None) -> list[Ev
         DataError, ConfigError, ModelLoadError, TokenizerError: bad input, one line each.
     """
     tasks = read_tasks(config.task) if config.task is not None else None
+    if config.tasks:  # lm-eval tasks (xtd.eval_tasks): checked before any model loads
+        from xtd.eval_tasks import check_tasks
+        from xtd.lm_eval_model import run_benchmarks
+
+        check_tasks(config.tasks)
     texts: list[str] | None = None
     if config.sample_from is not None:  # the teacher's samples are the text (xtd.sampling)
         from xtd.sampling import teacher_samples
@@ -615,7 +630,8 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None) -> list[Ev
             )
         if tasks is not None:
             task = exact_match(model, tokenizer, tasks, max_new_tokens=config.max_new_tokens, name=spec, progress=progress)
-        rows.append(EvalRow(spec, tokenizer_label(tokenizer), likelihood, task))
+        benchmarks = run_benchmarks([model], tokenizer, config, name=spec) if config.tasks else None
+        rows.append(EvalRow(spec, tokenizer_label(tokenizer), likelihood, task, benchmarks))
         del model
         gc.collect()
 
@@ -625,14 +641,17 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None) -> list[Ev
         members = [_load(spec, forced, config) for spec in specs]
         check_shared_tokenizer([(spec, tok) for spec, (_, tok) in zip(specs, members, strict=True)])
         tokenizer = members[0][1]
-        if texts is None:
+        if texts is None and not config.tasks:
             logger.warning("ensemble %s: exact match is not computed for ensembles; pass --text or --held-out", group)
             continue
         results = ensemble_bits_per_byte(
             [m for m, _ in members], tokenizer, texts, combine=config.combine, max_length=config.max_length,
             stride=config.stride, batch_size=config.batch_size, name="+".join(specs), progress=progress,
-        )
-        rows.extend(EvalRow(r.model, tokenizer_label(tokenizer), r, None) for r in results)
+        ) if texts is not None else [None] * len(config.combine)  # fmt: skip
+        for rule, r in zip(config.combine, results, strict=True):
+            name = f"{'+'.join(specs)} ({rule})"
+            bench = run_benchmarks([m for m, _ in members], tokenizer, config, name=name, combine=rule) if config.tasks else None
+            rows.append(EvalRow(name, tokenizer_label(tokenizer), r, None, bench))
         del members
         gc.collect()
     return rows

@@ -33,6 +33,10 @@ EXAMPLES = """
   Ensemble two students that share a tokenizer, plus exact match on a task file:
     [cyan]xtd eval --ensemble runs/a,runs/b --held-out 4[/]
     [cyan]xtd eval --model runs/a --task qa.jsonl --max-new-tokens 16[/]
+
+  Benchmarks through lm-evaluation-harness (offline: xtd's held-out next-verse/next-line tasks):
+    [cyan]xtd eval --model runs/student --model runs/byte --ensemble runs/a,runs/b --tasks xtd_next_verse,xtd_next_line[/]
+    [cyan]xtd eval --model runs/student --tasks arc_easy,piqa --task-limit 200[/]   # lm-eval's own tasks (needs the hub)
 """
 
 
@@ -60,6 +64,9 @@ def _table(rows: list[dict[str, Any]]) -> Table:
             table.add_column(name, justify="right")
     if task:
         table.add_column("exact match", justify="right")
+    benchmarks = list(dict.fromkeys(name for r in rows for name in (r.get("tasks") or {})))
+    for name in benchmarks:
+        table.add_column(f"{name}\nacc/byte (acc)", justify="right")
     for r in rows:
         cells = [r["model"], r["tokenizer"]]
         if likelihood:
@@ -72,6 +79,10 @@ def _table(rows: list[dict[str, Any]]) -> Table:
         if task:
             em = r.get("exact_match")
             cells.append("–" if em is None else f"{em:.3f} ({r['task_correct']}/{r['task_examples']})")
+        for name in benchmarks:
+            m = (r.get("tasks") or {}).get(name, {})
+            main = m.get("acc_bytes", m.get("acc_norm", m.get("acc")))
+            cells.append(f"{_fmt(main, '.3f')} ({_fmt(m.get('acc'), '.3f')}, n={m.get('num_examples', 0)})" if m else "–")
         table.add_row(*cells)
     return table
 
@@ -126,6 +137,14 @@ def eval_command(
     samples_out: Annotated[
         str | None, typer.Option(help="Write the teacher samples here (JSON lines; --text scores it later).")
     ] = EvalConfig.samples_out,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(help="lm-eval tasks, comma-separated or repeated: xtd_next_verse, xtd_next_line (offline), "
+                     "any lm-eval task, or a task YAML file (pip install 'xtd\\[eval]')."),
+    ] = None,
+    task_limit: Annotated[
+        int | None, typer.Option(help="At most this many documents per --tasks task.")
+    ] = EvalConfig.task_limit,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
 ) -> None:
     """Bits per byte (tokenizer-independent) and token perplexity of models on held-out text."""
@@ -156,14 +175,16 @@ def eval_command(
         sample_seed=sample_seed,
         prompts=prompts,
         samples_out=samples_out,
+        tasks=tuple(t.strip() for group in tasks or () for t in group.split(",") if t.strip()),
+        task_limit=task_limit,
     )
     with progress_bar() as bar:
-        tasks: dict[str, Any] = {}
+        bars: dict[str, Any] = {}
 
         def progress(description: str, advance: int, total: int) -> None:
-            if description not in tasks:
-                tasks[description] = bar.add_task(description, total=total)
-            bar.update(tasks[description], advance=advance)
+            if description not in bars:
+                bars[description] = bar.add_task(description, total=total)
+            bar.update(bars[description], advance=advance)
 
         rows = [row.to_dict() for row in evaluate(config, progress=progress)]
     if config.samples_out is not None:

@@ -135,6 +135,7 @@ def inspect_store(
         "dataset": meta.get("dataset"),
         "settings": meta.get("settings"),
     }
+    card = _card(store, meta)
     total = sum(s.stored_bytes for s in stats)
     arrays = [
         {
@@ -147,7 +148,7 @@ def inspect_store(
         for s in stats
     ]
     if as_json:
-        out: dict[str, Any] = {**summary, "stored_bytes": total, "arrays": arrays}
+        out: dict[str, Any] = {**summary, "stored_bytes": total, "arrays": arrays, "card": card}
         if sample is not None:
             out["document"] = _doc_json(sample, doc, rows)
         typer.echo(json.dumps(out, default=str))
@@ -168,12 +169,44 @@ def inspect_store(
         "[bold]total[/]", "", "", _fmt_bytes(total), f"{total / max(reader.num_tokens, 1):.2f}"
     )
     _out.print(table)
+    _print_card(card)
     if sample is not None:
         _print_document(
             sample, doc, rows, reader.boundary_classes, _special_names(reader.tokenizer_json)
         )
     else:
         _out.print("the store has no committed documents yet")
+
+
+def _card(store: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The store card's facts (xtd.storage.card) and whether README.md states them."""
+    from xtd.storage.card import card_facts, card_status
+    from xtd.storage.format import open_zarr_store
+
+    raw = open_zarr_store(store, writable=False)
+    try:
+        return {**card_facts(raw, store, meta), "status": card_status(raw, store, meta)}
+    finally:
+        raw.close()
+
+
+def _print_card(card: dict[str, Any]) -> None:
+    table = Table(title="card", title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    teacher, tok = card["teacher"], card["tokenizer"]
+    status = {"current": "README.md (current)", "stale": "README.md ([yellow]stale[/]: the store changed since)",
+              "absent": "[yellow]none[/] (a store written before store cards; xtd push writes one)"}  # fmt: skip
+    rows = [
+        ("card", status[card["status"]]),
+        ("teacher", f"{teacher.get('name')} (revision {teacher.get('revision')})"),
+        ("tokenizer", f"{tok.get('model')}, {tok.get('vocab_size')} ids, digest {tok.get('digest')}"),
+        ("verify with", escape(card["verify_command"])),
+        *((f"train ({what})", escape(cmd)) for what, cmd in card["train_commands"].items()),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    _out.print(table)
 
 
 def _print_summary(summary: dict[str, Any], total: int) -> None:

@@ -158,12 +158,13 @@ def _make_store(url: StoreUrl, *, writable: bool) -> Store:
     text = str(url)
     if "://" in text and not text.startswith("file://"):
         try:
-            return FsspecStore.from_url(text, read_only=not writable)
-        except ImportError as exc:  # e.g. "Install s3fs to access S3"
-            raise ConfigError(
-                f"cannot open {text!r}: {exc} (fsspec reads {text.split('://')[0]}:// URLs through "
-                "that package; pip install it, or use a local path)"
-            ) from None
+            # No listings cache: another writer (or process) may have changed the store since.
+            options = {"use_listings_cache": False}
+            return FsspecStore.from_url(text, storage_options=options, read_only=not writable)
+        except ImportError as exc:  # e.g. "Install s3fs to access S3": name the xtd extra
+            from xtd.storage.remote import missing_package_error
+
+            raise missing_package_error(text, exc) from None
         except ValueError as exc:  # "Protocol not known: foo"
             raise ConfigError(f"cannot open {text!r}: {exc}; use a local path or an fsspec URL") from None
     path = Path(text.removeprefix("file://")).expanduser()

@@ -30,6 +30,7 @@ from zarr.core.sync import sync
 
 from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
 from xtd.outputs import writing
+from xtd.storage.card import write_card
 from xtd.storage.codecs import (
     TOPK_CODECS,
     compressors_for,
@@ -49,6 +50,7 @@ from xtd.storage.format import (
     StoreUrl,
     checksum,
     describe_quantities,
+    describe_url,
     file_checksums,
     list_dir,
     open_zarr_store,
@@ -223,7 +225,8 @@ class StoreWriter:
         self._failed = False  # a write failed: the buffer is lost, the committed part stands
         with self._writing(opening=True):
             self._store = open_zarr_store(url, writable=True)
-            self._prepare(overwrite)
+            if self._prepare(overwrite):  # the root was (re)written: so is the card, README.md
+                write_card(self._store, describe_url(url), self._root_meta)
         self._buffer: list[Document] = []
         self._buffered_tokens = 0
         self._closed = False
@@ -255,7 +258,8 @@ class StoreWriter:
         )
         return meta
 
-    def _prepare(self, overwrite: bool) -> None:
+    def _prepare(self, overwrite: bool) -> bool:
+        """Check what is at the root and prepare this part; True when the root was written."""
         store, where = self._store, str(self.url)
         existing, children = classify(store, where)
         is_xtd = existing is not None
@@ -288,10 +292,11 @@ class StoreWriter:
             # writes leaves a resumable part, never a complete one missing documents.
             self._load_part()
             write_group_json(store, "", {ROOT_ATTR: self._root_meta})
-            return
+            return True
         if overwrite or not is_xtd:
             write_group_json(store, "", {ROOT_ATTR: self._root_meta})
         self._load_part()
+        return overwrite or not is_xtd
 
     def _load_part(self) -> None:
         attrs = read_group_attrs(self._store, self._part)
@@ -527,6 +532,7 @@ class StoreWriter:
                     if complete:
                         self._record["complete"] = True
                         self._commit_record()
+                    write_card(self._store, describe_url(self.url), self._root_meta)
         finally:
             self._store.close()
 
