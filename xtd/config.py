@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Self
 
 from xtd.errors import ConfigError
 from xtd.tokenization import BOUNDARY_CLASSES
 
-__all__ = ["ConfigBase", "flag", "parse_eval_text"]
+__all__ = ["ConfigBase", "flag", "parse_eval_text", "DTYPES", "canonical_dtype", "DEVICE_PATTERN", "device_problem"]
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+"""Precision of a forward pass, spelled the same by every command (``auto``: see
+:func:`xtd.runtime.resolve_dtype`)."""
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""torch's names, accepted for the short ones (configs store the short form)."""
 
 
 def flag(field_name: str) -> str:
@@ -85,6 +92,29 @@ class ConfigBase:
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a JSON object")
         return cls.from_dict(data)
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+"""Device spellings every command accepts (resolved by :func:`xtd.runtime.resolve_device`)."""
+
+
+def device_problem(device: str) -> list[str]:
+    """``[]`` for a valid ``--device`` value, else the one problem to report."""
+    if DEVICE_PATTERN.fullmatch(device):
+        return []
+    return [f"{flag('device')} must be auto, cpu, cuda, cuda:N or mps, not {device!r}"]
+
+
+def canonical_dtype(dtype: str) -> str:
+    """The short spelling of a dtype name: ``bfloat16`` → ``bf16``; ``auto`` stays.
+
+    Raises:
+        ConfigError: neither one of :data:`DTYPES` nor an alias.
+    """
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ConfigError(f"{flag('dtype')} {dtype!r}: choose from {', '.join(DTYPES)}")
+    return name
 
 
 def parse_eval_text(spec: str) -> tuple[str, str]:
@@ -222,8 +252,8 @@ class TrainConfig(ConfigBase):
     """Start afresh even if --out holds a previous run."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
-    device: str | None = None
-    """``cpu``, ``cuda`` or ``cuda:N``; default: CUDA when present (the local rank's GPU under torchrun)."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when present (the local rank's GPU under torchrun)."""
     num_workers: int = 0
     """DataLoader worker processes for tokenisation and alignment (0: in the main process)."""
     eval_text: tuple[str, ...] = ()
@@ -299,6 +329,7 @@ class TrainConfig(ConfigBase):
         if self.resume and self.overwrite:
             problems.append(f"{flag('resume')} and {flag('overwrite')} exclude each other; pick one")
         problems.extend(self._eval_problems())
+        problems.extend(device_problem(self.device))
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -364,7 +395,6 @@ class TrainConfig(ConfigBase):
 
 EVAL_COMBINE_RULES = ("p", "logp")
 """Ensemble rules (spec/ALM.md §7.3): log of the mean probability; renormalised mean log-prob."""
-EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 EVAL_DEFAULT_HELD_OUT = 8
 """Held-out documents scored when neither --text nor --held-out is given (and no --task)."""
 
@@ -395,8 +425,8 @@ class EvalConfig(ConfigBase):
     """Window advance; each token is scored once with ≥ max_length − stride tokens of context."""
     batch_size: int = 1
     """Windows per forward pass."""
-    dtype: str = "float32"
-    """Model dtype: float32, bfloat16, float16 or auto."""
+    dtype: str = "fp32"
+    """Model dtype: fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU)."""
     device: str = "auto"
     """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when present."""
     sample_from: str | None = None
@@ -455,8 +485,11 @@ class EvalConfig(ConfigBase):
             problems.append(f"{flag('stride')} ({self.stride}) must be between 1 and {flag('max_length')} ({self.max_length})")
         if self.batch_size < 1:
             problems.append(f"{flag('batch_size')} ({self.batch_size}) must be at least 1")
-        if self.dtype not in EVAL_DTYPES:
-            problems.append(f"{flag('dtype')} {self.dtype!r}: choose from {', '.join(EVAL_DTYPES)}")
+        problems.extend(device_problem(self.device))
+        try:
+            object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        except ConfigError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -479,7 +512,6 @@ class EvalConfig(ConfigBase):
 # PrecomputeConfig (xtd precompute; owned by xtd/precompute.py)
 # ---------------------------------------------------------------------------------------
 
-PRECOMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 PRECOMPUTE_CHAT_TEMPLATES = ("auto", "never")
 PRECOMPUTE_ERRORS = ("strict", "replace")
 PRECOMPUTE_TOPK_CODECS = ("q8", "fp16")
@@ -531,13 +563,18 @@ class PrecomputeConfig(ConfigBase):
     """Token rows per committed shard (default: the storage default)."""
     topk_codec: str = "q8"
     """On-disk codec of the top-k log-probs: q8 or fp16."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when present (the local rank's GPU under torchrun)."""
 
     def __post_init__(self) -> None:
         problems = []
         if not self.out:
             problems.append(f"{flag('out')} must name a store path or URL")
+        try:
+            object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        except ConfigError as exc:
+            problems.append(str(exc))
         for name, value, choices in (
-            ("dtype", self.dtype, PRECOMPUTE_DTYPES),
             ("chat_template", self.chat_template, PRECOMPUTE_CHAT_TEMPLATES),
             ("errors", self.errors, PRECOMPUTE_ERRORS),
             ("topk_codec", self.topk_codec, PRECOMPUTE_TOPK_CODECS),
@@ -562,6 +599,7 @@ class PrecomputeConfig(ConfigBase):
             problems.append(f"give both {flag('rank')} and {flag('world_size')}, or neither")
         elif self.rank is not None and self.world_size is not None and not 0 <= self.rank < self.world_size:
             problems.append(f"{flag('rank')} ({self.rank}) must be in [0, {flag('world_size')} ({self.world_size}))")
+        problems.extend(device_problem(self.device))
         if problems:
             raise ConfigError("; ".join(problems))
 

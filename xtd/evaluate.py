@@ -49,6 +49,7 @@ import torch
 
 from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
+from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
 
 if TYPE_CHECKING:
     from xtd.config import EvalConfig
@@ -555,23 +556,18 @@ def exact_match(
 # --------------------------------------------------------------------------- driver
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def _load(spec: str, tokenizer_spec: str | None, config: EvalConfig) -> tuple[Any, ByteTokenizer]:
     from xtd.student import load_causal_lm, model_tokenizer
     from xtd.tokenization import load_tokenizer
 
-    model = load_causal_lm(spec, dtype=config.dtype)
+    device = resolve_device(config.device)
+    model = load_causal_lm(spec, dtype=torch_dtype(resolve_dtype(config.dtype, device)))
     if tokenizer_spec is None:
         tokenizer = model_tokenizer(spec)
     else:
         tokenizer = load_tokenizer(tokenizer_spec)
     check_model_tokenizer(model, tokenizer, model_name=spec)
-    return model.to(_device(config.device)), tokenizer
+    return model.to(device), tokenizer
 
 
 def tokenizer_label(tokenizer: ByteTokenizer) -> str:

@@ -211,8 +211,9 @@ def precompute(
         StoreExistsError: the store holds other settings and ``overwrite`` is False.
         KeyboardInterrupt: after committed work is safely closed.
     """
+    from xtd.runtime import resolve_device, resolve_dtype
     from xtd.storage import StoreWriter, existing_store
-    from xtd.teacher import load_teacher, resolve_dtype, resolve_teacher
+    from xtd.teacher import load_teacher, resolve_teacher
     from xtd.tokenization import BOUNDARY_CLASSES
 
     rank, world_size = resolve_rank(config.rank, config.world_size)
@@ -252,7 +253,7 @@ def precompute(
             f"dataset {where!r} holds conversations but teacher {teacher_source.name!r} has no chat template; "
             f"pass {flag('chat_template')} never to render them as plain 'role: content' lines"
         )
-    device = "cuda" if _cuda_available() else "cpu"
+    device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     hidden_size = teacher_source.hidden_size if config.hidden else None
     settings = {
@@ -414,12 +415,6 @@ def precompute(
             result.inexact_loss_spans,
         )
     return result
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _teacher_inputs(

@@ -40,6 +40,7 @@ import torch
 from transformers import DynamicCache
 
 from xtd.errors import ConfigError
+from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
 
 __all__ = ["sample_texts", "write_samples", "read_prompts", "teacher_samples", "SEED_STRIDE", "SAMPLE_BATCH"]
 
@@ -264,8 +265,8 @@ def teacher_samples(config: Any, *, progress: Callable[[str, int, int], None] | 
 
     prompts = read_prompts(config.prompts) if config.prompts is not None else []
     tokenizer = model_tokenizer(config.sample_from)
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
-    model = load_causal_lm(config.sample_from, dtype=config.dtype).to("cpu" if device == "auto" else device)
+    device = resolve_device(config.device)
+    model = load_causal_lm(config.sample_from, dtype=torch_dtype(resolve_dtype(config.dtype, device))).to(device)
     records = sample_texts(
         model, tokenizer, num_samples=config.num_samples, max_new_tokens=config.sample_tokens,
         seed=config.sample_seed, prompts=prompts, progress=progress,

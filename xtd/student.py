@@ -121,19 +121,7 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> str:
     return text
 
 
-def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        value = getattr(torch, str(dtype))
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
-    return value
-
-
-def load_causal_lm(spec: str | os.PathLike[str], *, dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
+def load_causal_lm(spec: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a causal LM by HF id, folder or ``embedded:smollm2``.
 
     Raises:
@@ -149,7 +137,7 @@ def load_causal_lm(spec: str | os.PathLike[str], *, dtype: torch.dtype | str = t
             "(config.json + weights) or an HF id"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local.exists():
@@ -212,7 +200,7 @@ def load_student(
     lora_alpha: float | None = None,
     untie: bool = False,
     train_embeddings: bool = True,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> Student:
     """Build a student (see the module docstring for the four cases).
@@ -313,14 +301,14 @@ def load_student(
     return Student(model=built, tokenizer=new_tok, original_tokenizer=original, init_report=report)
 
 
-def _fresh_model(config: Any, tok: ByteTokenizer, *, dtype: torch.dtype | str, seed: int) -> PreTrainedModel:
+def _fresh_model(config: Any, tok: ByteTokenizer, *, dtype: torch.dtype, seed: int) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     config.vocab_size = tok.vocab_size
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         raise ConfigError(f"config of model type {config.model_type!r} is not a causal LM: {exc}") from None
     set_special_ids(model, tok)

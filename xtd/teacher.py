@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from xtd.errors import ConfigError, ModelLoadError, TokenizerMismatchError
+from xtd.config import canonical_dtype
+from xtd.errors import ModelLoadError, TokenizerMismatchError
+from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +33,8 @@ __all__ = [
     "resolve_teacher",
     "load_teacher",
     "weights_digest",
-    "resolve_dtype",
-    "DTYPES",
 ]
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _EMBEDDED_PREFIX = "embedded:"
 
 
@@ -224,22 +222,21 @@ def load_teacher(
         spec: as for :func:`resolve_teacher`, or an already resolved source.
         revision: hub revision.
         dtype: ``auto`` (bf16 on CUDA when supported, else fp16; fp32 on CPU), ``bf16``,
-            ``fp16`` or ``fp32``. On CUDA the weights are loaded in that dtype; on CPU the
-            weights stay fp32 and a 16-bit dtype means autocast.
-        device: ``None`` = CUDA when present, else CPU.
+            ``fp16`` or ``fp32`` (:func:`xtd.runtime.resolve_dtype`). On CUDA the weights are
+            loaded in that dtype; on CPU the weights stay fp32 and a 16-bit dtype means autocast.
+        device: as :func:`xtd.runtime.resolve_device` (``None`` = CUDA when present, else CPU).
 
     Raises:
         ModelLoadError: unknown model, weights that do not load, a vocabulary smaller than
             the tokenizer's.
         ConfigError: an unknown dtype.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = canonical_dtype(dtype)  # a bad spelling fails before anything loads
     source = spec if isinstance(spec, TeacherSource) else resolve_teacher(spec, revision=revision)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(dtype, dev.type)
-    load_dtype = _TORCH_DTYPES[dtype] if dev.type == "cuda" else torch.float32
-    autocast_dtype = _TORCH_DTYPES[dtype] if (dev.type != "cuda" and dtype != "fp32") else None
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
+    load_dtype = torch_dtype(dtype) if dev.type == "cuda" else torch.float32
+    autocast_dtype = torch_dtype(dtype) if (dev.type != "cuda" and dtype != "fp32") else None
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -294,23 +291,6 @@ def load_teacher(
         "teacher %s loaded in %.1f s on %s (%s, vocab %d)", source.name, time.perf_counter() - started, dev, dtype, vocab
     )
     return teacher
-
-
-def resolve_dtype(dtype: str, device_type: str) -> str:
-    """``auto`` → bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; others unchanged.
-
-    Raises:
-        ConfigError: not one of :data:`DTYPES`.
-    """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype != "auto":
-        return dtype
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # CPU: exact fp32 by default; 16-bit autocast is faster on some CPUs (bench/precompute.py)
-    # but moves log-probs by ~1e-2, so it is opt-in (--dtype bf16).
-    return "fp32"
 
 
 def weights_digest(folder: str | Path) -> str:

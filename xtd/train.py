@@ -64,6 +64,7 @@ from xtd.objective import (
     trainable_last_block,
 )
 from xtd.outputs import read_run_marker
+from xtd.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -207,14 +208,10 @@ class _Dist:
     owns_group: bool = False
 
     @classmethod
-    def from_env(cls, device: str | None) -> _Dist:
+    def from_env(cls, device: str) -> _Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        if device is None:
-            dev = torch.device(f"cuda:{local}" if world > 1 else "cuda") if torch.cuda.is_available() else torch.device("cpu")
-        else:
-            dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         owns = False

@@ -10,16 +10,13 @@ folder with :func:`xtd.student.save_student`, like ``xtd train``'s output.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from xtd.errors import ConfigError
 from xtd.hypernet.config import HypernetApplyConfig
 from xtd.hypernet.decomposition import DECOMPOSITION_RULES
+from xtd.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ def apply_hypernet(
     from xtd.tokenization import load_tokenizer
 
     out = check_out_folder(config.out, overwrite=config.overwrite)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     read_hypernet_record(config.hypernet)  # a wrong folder fails before anything loads
     target = load_tokenizer(config.tokenizer)
     bundle = load_hypernet(config.hypernet)
@@ -87,13 +84,3 @@ def apply_hypernet(
     saved = save_student(student, out, card=card, overwrite=config.overwrite)
     logger.info("moved %s to %s with hypernetwork %s: %s", bundle.base_model, target.name, config.hypernet, counts)
     return ApplyResult(out=saved, vocab_size=target.vocab_size, counts=counts)
-
-
-def _device(spec: str | None) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", spec):
-        raise ConfigError(f"--device must be cpu, cuda, cuda:N or mps, not {spec!r}")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec} was given but no CUDA device is available; use --device cpu")
-    return torch.device(spec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from xtd.config import ConfigBase, flag
+from xtd.config import ConfigBase, device_problem, flag
 from xtd.errors import ConfigError
 
 __all__ = ["SamplerConfig", "HypernetConfig", "HypernetApplyConfig", "RESIDUALS"]
@@ -120,11 +120,13 @@ class HypernetApplyConfig(ConfigBase):
     """Target tokens per hypernetwork forward pass (bounds memory)."""
     overwrite: bool = False
     """Replace a non-empty ``--out``."""
-    device: str | None = None
-    """cpu, cuda or cuda:N (default: CUDA when present)."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when present."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_tokens")
         for name in ("hypernet", "tokenizer", "out"):
             if not str(getattr(self, name)).strip():
                 raise ConfigError(f"{flag(name)} must not be empty")
+        for problem in device_problem(self.device):
+            raise ConfigError(problem)
