@@ -317,13 +317,13 @@ def _pack_reference(lengths, max_texts, max_tokens):
 
 @pytest.mark.parametrize("seed", range(30))
 def test_pack_micro_batches_matches_reference_and_budget(seed: int) -> None:
-    from xtd.batching import pack_micro_batches
+    from xtd.packing import pack_longest_first
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 60, size=int(rng.integers(1, 25))).tolist()
     max_texts = int(rng.integers(1, 10))
     max_tokens = None if seed % 5 == 0 else int(rng.integers(10, 200))
-    groups = pack_micro_batches(lengths, max_texts, max_tokens)
+    groups = pack_longest_first(lengths, max_items=max_texts, max_tokens=max_tokens)
     assert groups == _pack_reference(lengths, max_texts, max_tokens)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:

@@ -69,7 +69,7 @@ def test_table_with_two_models_of_different_tokenizers(tiny_lm: Path, tiny_lm_b:
 
 
 def test_whole_equals_windowed_through_the_cli(tiny_lm: Path, text_file: Path):
-    whole = _json(["--model", str(tiny_lm), "--text", str(text_file), "--max-length", "4096", "--stride", "4096"])[0]
+    whole = _json(["--model", str(tiny_lm), "--text", str(text_file), "--max-length", "4096", "--stride", "1"])[0]
     full = whole["num_tokens"] + 1  # the BOS is part of the window
     windowed = _json(
         ["--model", str(tiny_lm), "--text", str(text_file), "--max-length", str(full), "--stride", "7", "--batch-size", "3"]
@@ -84,7 +84,7 @@ def test_jsonl_text_and_held_out(tiny_lm: Path, tmp_path: Path):
     path.write_text("\n".join(json.dumps({"text": t}) for t in ("alpha beta", "gamma\n", "")) + "\n")
     row = _json(["--model", str(tiny_lm), "--text", str(path)])[0]
     assert row["num_texts"] == 3 and row["num_bytes"] == len("alpha betagamma\n")
-    held = _json(["--model", str(tiny_lm), "--held-out", "1", "--max-length", "256", "--stride", "256"])[0]
+    held = _json(["--model", str(tiny_lm), "--held-out", "1", "--max-length", "256", "--stride", "128"])[0]
     assert held["num_texts"] == 1 and held["num_bytes"] > 1000
 
 

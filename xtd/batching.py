@@ -15,7 +15,7 @@ How a step's data is chosen (deterministic, so ``--resume`` replays the same ord
 * Rank ``r`` of ``W`` takes every W-th of those texts, sorts its texts by student
   length (longest first) and packs them into micro-batches of at most
   ``micro_batch_size`` texts and, with ``micro_batch_tokens``, at most that many
-  padded tokens (:func:`pack_micro_batches`): length bucketing within the step, each
+  padded tokens (:func:`xtd.packing.pack_longest_first`): length bucketing within the step, each
   micro-batch padded to its longest sequence (spec/ALM.md §9 item 9). Since the ALM
   and SFT losses are normalised by counts over the whole global batch (spec §4.2
   step 8), the split into ranks and micro-batches does not change the step's loss
@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from xtd.errors import ConfigError, DataError
+from xtd.packing import pack_longest_first
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ __all__ = [
     "token_loss_mask",
     "truncate_example",
     "pad_examples",
-    "pack_micro_batches",
     "Pieces",
     "estimate_piece_rows",
     "document_piece",
@@ -400,7 +400,7 @@ class StepDataset(torch.utils.data.Dataset):
         lengths = [len(e["input_ids"]) for e in examples]
         micro_batches, counts = [], []
         pad_id = _pad_id(spec.student_tokenizer)
-        for group in pack_micro_batches(lengths, spec.micro_batch_size, spec.micro_batch_tokens):
+        for group in pack_longest_first(lengths, max_items=spec.micro_batch_size, max_tokens=spec.micro_batch_tokens):
             batch = pad_examples([examples[i] for i in group], pad_id=pad_id)
             micro_batches.append(batch)
             counts.append(
@@ -448,33 +448,6 @@ class StepDataset(torch.utils.data.Dataset):
             cached=cached,
             where=where,
         )
-
-
-def pack_micro_batches(lengths: Sequence[int], max_texts: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Cut a step's texts into micro-batches: longest first, each padded to its first text.
-
-    A micro-batch takes the next text while it holds fewer than ``max_texts`` and, with
-    a token budget, while ``(texts + 1) × its longest length ≤ max_tokens``; a text
-    longer than the budget is a micro-batch of its own. Lengths bucket together, so
-    padding stays small; the step's loss does not depend on the cut (global counts).
-
-    Returns:
-        Lists of indices into ``lengths``, every index exactly once.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    for i in order:
-        group = groups[-1] if groups else None
-        fits = (
-            group is not None
-            and len(group) < max_texts
-            and (max_tokens is None or (len(group) + 1) * lengths[group[0]] <= max_tokens)
-        )
-        if fits:
-            group.append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 @dataclass(frozen=True)

@@ -422,7 +422,7 @@ class EvalConfig(ConfigBase):
     max_length: int = 1024
     """Tokens per scoring window (including the BOS)."""
     stride: int = 512
-    """Window advance; each token is scored once with ≥ max_length − stride tokens of context."""
+    """Context tokens each later scoring window carries over from the previous one (1 <= stride < max_length)."""
     batch_size: int = 1
     """Windows per forward pass."""
     dtype: str = "fp32"
@@ -481,8 +481,10 @@ class EvalConfig(ConfigBase):
             problems.append(f"{flag('max_new_tokens')} ({self.max_new_tokens}) must be at least 1")
         if self.max_length < 2:
             problems.append(f"{flag('max_length')} ({self.max_length}) must be at least 2")
-        if not 1 <= self.stride <= self.max_length:
-            problems.append(f"{flag('stride')} ({self.stride}) must be between 1 and {flag('max_length')} ({self.max_length})")
+        if not 1 <= self.stride < self.max_length:
+            problems.append(
+                f"{flag('stride')} ({self.stride}) must be at least 1 and smaller than {flag('max_length')} ({self.max_length})"
+            )
         if self.batch_size < 1:
             problems.append(f"{flag('batch_size')} ({self.batch_size}) must be at least 1")
         problems.extend(device_problem(self.device))

@@ -5,7 +5,7 @@ every N optimizer steps (and after the last) with :func:`xtd.evaluate.bits_per_b
 the same code path as ``xtd eval --text FILE``, and adds ``eval_<NAME>_bits_per_byte``
 to that step's metrics record. Windows are at most ``--eval-max-length`` student tokens
 (default: ``--max-student-length``), so no scored token sits at a position the student
-never trained at; they advance by half their length.
+never trained at; each later window carries the larger half of the previous one over as context.
 """
 
 from __future__ import annotations
@@ -67,11 +67,12 @@ def score_eval_sets(
 ) -> dict[str, float]:
     """Bits per byte of ``model`` on each set: ``{eval_<name>_bits_per_byte: value}``.
 
-    Windows of ``max_length`` tokens advancing by ``max_length // 2`` (at least 1).
+    Windows of ``max_length`` tokens, each later one carrying ``(max_length + 1) // 2``
+    tokens of context over.
     """
     from xtd.evaluate import bits_per_byte
 
-    stride = max(1, max_length // 2)
+    stride = (max_length + 1) // 2
     return {
         metric_key(s.name): bits_per_byte(
             model, tokenizer, s.texts, max_length=max_length, stride=stride, batch_size=batch_size, name=s.name

@@ -11,12 +11,13 @@ Conventions, the same for every model:
   when it has no BOS) is prepended, so the first text token is scored too and every byte
   of the text counts. A tokenizer with neither cannot score its first token: that token
   and its bytes are left out of both sums (``num_bytes`` then shows it).
-* **Windows.** A sequence longer than ``max_length`` is scored in windows of
-  ``max_length`` tokens that advance by ``stride``; each window scores only tokens that
-  no earlier window scored, so every token is scored exactly once, with at least
-  ``max(max_length - stride, 1)`` tokens of context (all of it while the window still
-  starts at the beginning). With ``max_length`` at least the longest sequence, a text is
-  scored whole, in one forward pass.
+* **Windows.** A sequence longer than ``max_length`` is scored in the windows of
+  :func:`xtd.packing.plan_windows` (the teacher's in ``xtd precompute`` too): each later
+  window carries ``stride`` tokens of context over from the previous one and scores only
+  tokens no earlier window scored, so every token is scored exactly once, with at least
+  ``stride`` tokens of context (all of it while the window still starts at the beginning).
+  With ``max_length`` at least the longest sequence, a text is scored whole, in one
+  forward pass.
 * **Ensembles** (spec/ALM.md §7.3): models that share a tokenizer run on the same ids;
   per position ``p`` takes the log of the mean probability and ``logp`` the mean
   log-probability renormalised with a log-softmax.
@@ -49,6 +50,7 @@ import torch
 
 from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
+from xtd.packing import pack_longest_first, plan_windows
 from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
 
 if TYPE_CHECKING:
@@ -305,18 +307,11 @@ def _prepare(tokenizer: ByteTokenizer, texts: Sequence[str]) -> _Prepared:
 def _windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows ``(begin, end, first)`` over a sequence; targets ``[first, end)`` are scored.
 
-    Positions 1..length-1 are targets (position 0 has no context); each is scored once.
+    :func:`xtd.packing.plan_windows` with ``stride`` tokens of context; positions
+    1..length-1 are targets (position 0 has no context), each scored once.
     """
-    out: list[tuple[int, int, int]] = []
-    begin, done = 0, 1
-    while done < length:
-        end = min(begin + max_length, length)
-        out.append((begin, end, done))
-        done = end
-        # A causal LM needs one token of context: the next window starts no later than
-        # the token before its first target.
-        begin = min(begin + stride, done - 1)
-    return out
+    windows = [(begin, end, max(first, 1)) for begin, end, first in plan_windows(length, max_length, stride)]
+    return [w for w in windows if w[2] < w[1]]
 
 
 def score_windows(
@@ -344,20 +339,19 @@ def score_windows(
     """
     if max_length < 2:
         raise ConfigError(f"--max-length ({max_length}) must be at least 2")
-    if not 1 <= stride <= max_length:
-        raise ConfigError(f"--stride ({stride}) must be between 1 and --max-length ({max_length})")
+    if not 1 <= stride < max_length:
+        raise ConfigError(f"--stride ({stride}) must be at least 1 and smaller than --max-length ({max_length})")
     if batch_size < 1:
         raise ConfigError(f"--batch-size ({batch_size}) must be at least 1")
     unknown = [rule for rule in combine if rule not in ("single", *COMBINE_RULES)]
     if unknown or not combine:
         raise ConfigError(f"unknown --combine rule(s) {unknown}; use {', '.join(COMBINE_RULES)}")
     jobs = [(t, w) for t, seq in enumerate(seqs) for w in _windows(len(seq), max_length, stride)]
-    jobs.sort(key=lambda job: job[1][1] - job[1][0], reverse=True)  # less padding per batch
     device = next(models[0].parameters()).device
     totals = {rule: 0.0 for rule in combine}
     count = 0
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
+    for group in pack_longest_first([end - begin for _, (begin, end, _) in jobs], max_items=batch_size):
+        batch = [jobs[j] for j in group]
         width = max(end - begin for _, (begin, end, _) in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, L)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -394,7 +388,7 @@ def _effective_window(model: torch.nn.Module, max_length: int, stride: int) -> t
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and 2 <= limit < max_length:
         logger.warning("--max-length %d exceeds the model's %d positions; using %d", max_length, limit, limit)
-        return limit, min(stride, limit)
+        return limit, min(stride, limit - 1)
     return max_length, stride
 
 

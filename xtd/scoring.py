@@ -20,18 +20,16 @@ Per token row ``r`` of a document (DESIGN.md §3; arrays of :class:`xtd.storage.
 Logits of vocabulary rows beyond the tokenizer's ids (padded embedding matrices) are
 dropped before every softmax.
 
-**Long documents (windows).** A document of ``N`` tokens is cut into windows of at most
-``max_length`` tokens. Window 0 is ``[0, L)``; each next window starts ``stride`` tokens
-before the previous one ended, ``[e - stride, min(e - stride + L, N))``, and contributes
-only its new rows ``[e, …)``. So every row is scored exactly once, every row except
-row 0 has at least ``stride`` tokens of context (or all of them, inside window 0), and
-nothing is ever truncated. The cost is ``stride / (L - stride)`` extra forward tokens.
+**Long documents (windows).** A document longer than ``max_length`` tokens is scored in
+windows (:func:`xtd.packing.plan_windows`, with ``stride`` tokens of context carried into
+each later window): every row is scored exactly once, every row except row 0 has at least
+``stride`` tokens of context (or all of them, inside window 0), and nothing is truncated.
 
 **Throughput.** Documents are taken in *pools* of consecutive documents (≈ 64 ×
 ``batch_tokens`` bytes of text, a pure function of the input, so a resumed run re-forms
 the same pools and reproduces the same batches bit for bit). Within a pool the windows
-are sorted by length (longest first) and packed into batches of at most
-``batch_tokens`` padded positions; the final norm output of the positions that are
+are packed longest first into batches of at most ``batch_tokens`` padded positions
+(:func:`xtd.packing.pack_longest_first`); the final norm output of the positions that are
 needed is gathered (padding is never sent through the output layer), and the output
 layer + log-softmax run in slices of at most ``logits_budget_bytes`` of fp32 logits.
 Batches are right-padded and run without an attention mask: under causal attention a
@@ -55,6 +53,7 @@ import numpy as np
 import torch
 
 from xtd.errors import ConfigError
+from xtd.packing import pack_longest_first, plan_windows
 from xtd.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -64,8 +63,6 @@ __all__ = [
     "ScoreStats",
     "score_texts",
     "score_documents",
-    "plan_windows",
-    "plan_batches",
     "pool_bytes_for",
     "DEFAULT_LOGITS_BUDGET_BYTES",
 ]
@@ -110,48 +107,6 @@ class ScoreStats:
     """Forward tokens of every window of the pools started so far (for progress estimates)."""
     planned_bytes: int = 0
     """Text bytes of the pools started so far."""
-
-
-def plan_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows ``(start, end, new_from)`` over ``num_tokens`` rows (module docstring).
-
-    Each row lies in exactly one ``[new_from, end)``; ``new_from - start`` is the context
-    carried over (``stride`` for every window after the first).
-    """
-    if max_length < 2 or not 1 <= stride < max_length:
-        raise ConfigError(f"need max_length >= 2 and 1 <= stride < max_length, got {max_length}, {stride}")
-    if num_tokens <= max_length:
-        return [(0, num_tokens, 0)]
-    windows = [(0, max_length, 0)]
-    end = max_length
-    while end < num_tokens:
-        start = end - stride
-        new_end = min(start + max_length, num_tokens)
-        windows.append((start, new_end, end))
-        end = new_end
-    return windows
-
-
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequences into batches of at most ``batch_tokens`` padded positions.
-
-    Longest first (a too-large batch fails at the start, not after hours); ties keep
-    input order, so the plan is a pure function of ``lengths``. A sequence longer than
-    the budget gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        if current and max(width, lengths[i]) * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, width = [], 0
-        current.append(i)
-        width = max(width, lengths[i])
-    if current:
-        batches.append(current)
-    return batches
 
 
 def pool_bytes_for(batch_tokens: int) -> int:
@@ -421,7 +376,7 @@ def _score_pool(teacher: Teacher, pool: list[TeacherInput], opts: _Options, stat
             next_doc += 1
 
     yield from finished()
-    for batch in plan_batches([w.end - w.start for w in windows], opts.batch_tokens):
+    for batch in pack_longest_first([w.end - w.start for w in windows], max_tokens=opts.batch_tokens):
         group = [windows[i] for i in batch]
         _run_batch(teacher, group, [encoded[w.doc][1].ids for w in group], outputs, opts, stats)
         if opts.on_batch is not None:

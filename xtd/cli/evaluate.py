@@ -106,7 +106,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget per task prompt.")] = EvalConfig.max_new_tokens,
     max_length: Annotated[int, typer.Option(help="Tokens per scoring window.")] = EvalConfig.max_length,
     stride: Annotated[
-        int, typer.Option(help="Window advance; every token keeps ≥ max-length − stride tokens of context.")
+        int, typer.Option(help="Context tokens each later window carries over from the previous one.")
     ] = EvalConfig.stride,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = EvalConfig.batch_size,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = EvalConfig.dtype,
