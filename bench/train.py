@@ -110,7 +110,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         count_normalizers,
         pad_examples,
     )
-    from xtd.losses import last_block_parameters
+    from xtd.model_parts import last_block_parameters
     from xtd.objective import LossSetup, combine_terms, compute_losses
     from xtd.storage import open_store
     from xtd.student import load_student

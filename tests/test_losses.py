@@ -30,7 +30,6 @@ from xtd.losses import (
     count_scored_chunks,
     gradmag_weights,
     kd_topk_loss,
-    last_block_parameters,
     latents_loss,
     make_latent_projection,
     mined_loss,
@@ -40,6 +39,7 @@ from xtd.losses import (
     teacher_sigma,
     uld_loss,
 )
+from xtd.model_parts import last_block_parameters
 
 F64 = torch.float64
 

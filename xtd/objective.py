@@ -25,7 +25,6 @@ __all__ = [
     "compute_losses",
     "student_forward",
     "combine_terms",
-    "trainable_last_block",
     "latents_projection",
     "mined_setup",
     "TOPK_LOSSES",
@@ -232,13 +231,6 @@ def combine_terms(
         gm = gradmag_weights(live, last_block)
         return sum(gm[n] * live[n] for n in live), {n: float(gm[n]) for n in live}
     return sum(weights[n] * live[n] for n in live), {}
-
-
-def trainable_last_block(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable parameters of the last decoder block (GradMag's gradient norms)."""
-    from xtd.losses import last_block_parameters
-
-    return [p for p in last_block_parameters(model) if p.requires_grad]
 
 
 def latents_projection(names: tuple[str, ...], readers: list[Any], model: torch.nn.Module) -> torch.nn.Module | None:

@@ -42,6 +42,7 @@ from xtd.fvt import (
     set_special_ids,
     untie_embeddings,
 )
+from xtd.model_parts import LINEAR_TYPES, decoder_blocks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -318,53 +319,27 @@ def _fresh_model(config: Any, tok: ByteTokenizer, *, dtype: torch.dtype, seed: i
 # --------------------------------------------------------------------------- LoRA
 
 
-def _linear_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
-
-
-def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList of decoder blocks: the largest list of same-type blocks with linears."""
-    linear = _linear_types()
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(child) for child in module}
-        if len(kinds) != 1 or isinstance(module[0], linear):
-            continue
-        if not any(isinstance(m, linear) for m in module[0].modules()):
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
-    return None if best is None else (best[1], best[2])
-
-
 def find_lora_targets(model: nn.Module) -> list[str]:
     """Full names of the attention and MLP linears inside the decoder blocks.
 
-    Found structurally (spec/ALM.md §9 item 12): the decoder blocks are the largest
-    ``nn.ModuleList`` of same-type modules; every ``nn.Linear`` (or GPT-2 ``Conv1D``)
-    inside them is a target — q/k/v/o and gate/up/down for Llama, Qwen, Mistral and
+    Found structurally: every ``nn.Linear`` (or GPT-2 ``Conv1D``) inside the decoder blocks
+    (:func:`xtd.model_parts.decoder_blocks`, the rule GradMag uses too) is a target — q/k/v/o and gate/up/down for Llama, Qwen, Mistral and
     Gemma; ``c_attn``/``c_proj``/``c_fc`` for GPT-2.
 
     Raises:
         ConfigError: no decoder blocks or no linears in them.
     """
-    found = _decoder_blocks(model)
+    found = decoder_blocks(model)
     if found is None:
         raise ConfigError(
             f"no LoRA targets in {type(model).__name__}: found no list of decoder blocks with "
             "linear layers; train without --lora-rank (full fine-tuning)"
         )
     prefix, _ = found
-    linear = _linear_types()
     return [
         name
         for name, module in model.named_modules()
-        if name.startswith(prefix + ".") and isinstance(module, linear)
+        if name.startswith(prefix + ".") and isinstance(module, LINEAR_TYPES)
     ]
 
 

@@ -54,6 +54,7 @@ from xtd.checkpoint import (
 )
 from xtd.config import TrainConfig, flag
 from xtd.errors import ConfigError, StoreFormatError, TokenizerMismatchError
+from xtd.model_parts import last_block_parameters
 from xtd.objective import (
     TOPK_LOSSES,
     LossSetup,
@@ -61,7 +62,6 @@ from xtd.objective import (
     compute_losses,
     latents_projection,
     mined_setup,
-    trainable_last_block,
 )
 from xtd.outputs import read_run_marker
 from xtd.runtime import resolve_device
@@ -416,7 +416,7 @@ def _run(config: TrainConfig, ctx: _Dist, progress: Callable[[dict[str, Any]], N
         latents_projection=projection,
         **mined_setup(names, readers, student.tokenizer, ctx.device),
     )
-    last_block = trainable_last_block(model) if config.gradmag and len(names) > 1 else []
+    last_block = last_block_parameters(model) if config.gradmag and len(names) > 1 else []
     if config.gradmag and len(names) > 1 and any(w != 1.0 for w in weights.values()):
         logger.info("%s is on: fixed %s cancel out and are ignored", flag("gradmag"), flag("loss_weights"))
 

@@ -14,7 +14,7 @@ Typical ALM + SFT step (per micro-batch)::
     sft = sft_loss(logprob, loss_mask, normalizer=n_sft)
 
 Without (B, S, V) logits: the same ℓ^S and σ^S from the final hidden states and the
-output layer, in row slabs (``_fused``; ``xtd.output_layer`` reads both from a model)::
+output layer, in row slabs (``_fused``; ``xtd.model_parts`` reads both from a model)::
 
     logprob, sigma = fused_student_path(hidden, layer, ids, boundary_mask)
 """
@@ -54,7 +54,7 @@ from xtd.losses._fused import (
     fused_output,
     fused_student_path,
 )
-from xtd.losses._gradmag import combine_losses, gradmag_weights, last_block_parameters
+from xtd.losses._gradmag import combine_losses, gradmag_weights
 from xtd.losses._latents import (
     LATENT_KINDS,
     count_scored_chunks,
@@ -87,7 +87,6 @@ __all__ = [
     "gradmag_weights",
     "kd_topk_loss",
     "kd_topk_loss_from_logprob",
-    "last_block_parameters",
     "latents_loss",
     "log1mexp",
     "make_latent_projection",
