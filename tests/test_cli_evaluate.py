@@ -3,7 +3,6 @@ match, and one clear error line for bad input."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from xtd.cli import app
-from xtd.config import EvalConfig
 
 runner = CliRunner()
 
@@ -46,15 +44,6 @@ def test_help_has_examples():
     result = runner.invoke(app, ["eval", "--help"])
     assert result.exit_code == 0
     assert "Examples" in result.output and "--held-out" in result.output
-
-
-def test_cli_defaults_equal_config_defaults():
-    from xtd.cli.evaluate import eval_command
-
-    params = inspect.signature(eval_command).parameters
-    for name in ("text", "held_out", "task", "max_new_tokens", "max_length", "stride", "batch_size", "dtype", "device"):
-        assert params[name].default == getattr(EvalConfig, name), name
-    assert params["combine"].default == ",".join(EvalConfig.combine)
 
 
 def test_table_with_two_models_of_different_tokenizers(tiny_lm: Path, tiny_lm_b: Path, text_file: Path):

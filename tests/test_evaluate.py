@@ -19,12 +19,10 @@ from xtd.evaluate import (
     check_shared_tokenizer,
     ensemble_bits_per_byte,
     exact_match,
-    held_out_texts,
-    read_tasks,
-    read_texts,
     score_windows,
 )
 from xtd.student import load_causal_lm
+from xtd.texts import held_out_texts, read_tasks, read_texts
 from xtd.tokenization import load_tokenizer
 
 TEXTS = [

@@ -258,7 +258,7 @@ def test_round_trip_codecs_hidden_and_chat(tmp_path, codec):
 
 
 def test_boundary_class_columns_match_tokenization():
-    # storage keeps its own copy so that it imports nothing above it (DESIGN.md §2).
+    # storage keeps its own copy so that it imports nothing above it (README, Architecture).
     from xtd.tokenization import BOUNDARY_CLASSES as TOKENIZATION_CLASSES
 
     assert BOUNDARY_CLASSES == TOKENIZATION_CLASSES

@@ -1,6 +1,6 @@
 """Tokenizers that xtd builds itself, from files that install offline with packages.
 
-* ``bytes``: ids 0..255 are the bytes in order, then special tokens (spec §7.2);
+* ``bytes``: ids 0..255 are the bytes in order, then special tokens (docs/method.md, "Byte students");
 * ``embedded:gpt2`` (GPT-2 vocab and merges), ``embedded:llama3`` / ``embedded:qwen3``
   (byte-level BPE recovered from quicktok's tiktoken ranks), ``embedded:mistral-v1``
   (the SentencePiece model as a byte-fallback BPE), ``embedded:smollm2`` (the packaged
@@ -61,7 +61,7 @@ def wrap_backend(backend: Any, **special: str | None) -> Any:
 
 
 def bytes_hf(specials_of: Any | None = None) -> Any:
-    """The built-in byte tokenizer: ids 0..255 = bytes, then specials (spec §7.2, §9 item 7).
+    """The built-in byte tokenizer: ids 0..255 = bytes, then specials (docs/method.md, "Byte students", "Deviations from the reference implementation").
 
     Args:
         specials_of: a :class:`~xtd.tokenization.ByteTokenizer` whose special tokens (and
@@ -207,7 +207,7 @@ def _quicktok_hf(name: str) -> Any:
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, specials[bos])]
             )
         # Qwen's published tokenizer also has an NFC normaliser; it is left out on purpose,
-        # since spec §2.2 would refuse it (NFC rewrites bytes of non-NFC text).
+        # since docs/method.md, "Byte view of a tokenizer" would refuse it (NFC rewrites bytes of non-NFC text).
         return backend
 
     backend = _cached_json(f"quicktok-{name}-v2", build)
@@ -242,7 +242,7 @@ def _sentencepiece_hf(model_path: Path, *, expected_size: int) -> Any:
         backend = Tokenizer(
             models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True)
         )
-        # SentencePiece's dummy prefix (spec §3.3): prepend ▁, spaces become ▁.
+        # SentencePiece's dummy prefix (docs/method.md, "Chunks"): prepend ▁, spaces become ▁.
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         backend.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]

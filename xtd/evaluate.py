@@ -18,10 +18,10 @@ Conventions, the same for every model:
   ``stride`` tokens of context (all of it while the window still starts at the beginning).
   With ``max_length`` at least the longest sequence, a text is scored whole, in one
   forward pass.
-* **Ensembles** (spec/ALM.md §7.3): models that share a tokenizer run on the same ids;
+* **Ensembles** (docs/method.md, "Ensembles"): models that share a tokenizer run on the same ids;
   per position ``p`` takes the log of the mean probability and ``logp`` the mean
   log-probability renormalised with a log-softmax.
-* **Held-out text** (``held_out_texts``): the *last* N documents of
+* **Held-out text** (:func:`xtd.texts.held_out_texts`): the *last* N documents of
   :func:`xtd.assets.iter_embedded_corpus` (the end of the KJV). Precompute's default
   slice takes documents from the start of that corpus and never reaches them.
 * **Exact match**: greedy generation after the prompt (BOS-prefixed the same way); the
@@ -35,11 +35,9 @@ Dimension letters: ``B`` windows in a batch, ``L`` window length, ``V`` vocabula
 
 from __future__ import annotations
 
-import collections
 import gc
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +46,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
 from xtd.packing import pack_longest_first, plan_windows
 from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
+from xtd.texts import held_out_texts, read_tasks, read_texts
 
 if TYPE_CHECKING:
     from xtd.config import EvalConfig
@@ -67,9 +65,6 @@ __all__ = [
     "bits_per_byte",
     "ensemble_bits_per_byte",
     "exact_match",
-    "read_texts",
-    "read_tasks",
-    "held_out_texts",
     "check_model_tokenizer",
     "check_shared_tokenizer",
     "score_windows",
@@ -178,64 +173,6 @@ class EvalRow:
 # --------------------------------------------------------------------------- inputs
 
 
-def read_texts(path: str | os.PathLike[str]) -> list[str]:
-    """Texts to score: a ``.jsonl`` file (field ``text`` per line) or a plain text file.
-
-    Raises:
-        DataError: missing file, invalid UTF-8, a JSON line without a string ``text``,
-            or no non-empty text at all.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"text file {str(p)!r} does not exist; pass a .txt or .jsonl file with --text")
-    if p.suffix == ".jsonl":
-        texts = []
-        for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
-            if not isinstance(record.get("text"), str):
-                raise DataError(f"{str(p)!r} line {number} has no string field 'text'")
-            texts.append(record["text"])
-    else:
-        try:
-            texts = [p.read_text(encoding="utf-8")]
-        except UnicodeDecodeError as exc:
-            raise DataError(f"text file {str(p)!r} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8") from None
-    if not any(texts):
-        raise DataError(f"text file {str(p)!r} is empty: there is no text to score")
-    return texts
-
-
-def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Prompt/answer pairs from a JSON-lines file (``{"prompt": ..., "answer": ...}``).
-
-    Raises:
-        DataError: missing or empty file, bad JSON or UTF-8, a line without string fields.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"task file {str(p)!r} does not exist; pass a JSON-lines file with --task")
-    tasks = []
-    for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
-        if not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
-            raise DataError(f"{str(p)!r} line {number} needs string fields 'prompt' and 'answer'")
-        tasks.append({"prompt": record["prompt"], "answer": record["answer"]})
-    if not tasks:
-        raise DataError(f"task file {str(p)!r} is empty: no prompt/answer pairs")
-    return tasks
-
-
-def held_out_texts(num_documents: int) -> list[str]:
-    """The last ``num_documents`` documents of the embedded corpus, in corpus order.
-
-    Precompute's default slice starts at the first document, so these stay unseen.
-    """
-    from xtd.assets import iter_embedded_corpus
-
-    if num_documents < 1:
-        raise ConfigError(f"--held-out ({num_documents}) must be at least 1")
-    tail = collections.deque(iter_embedded_corpus(), maxlen=num_documents)
-    return [record["text"] for record in tail]
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -259,7 +196,7 @@ def check_model_tokenizer(model: torch.nn.Module, tokenizer: ByteTokenizer, *, m
 
 
 def check_shared_tokenizer(members: Sequence[tuple[str, ByteTokenizer]]) -> None:
-    """Ensemble members must share one tokenizer (identical digests, spec/ALM.md §7.3).
+    """Ensemble members must share one tokenizer (identical digests, docs/method.md, "Ensembles").
 
     Raises:
         TokenizerMismatchError: listing each member's tokenizer and digest.
@@ -442,7 +379,7 @@ def ensemble_bits_per_byte(
     name: str = "ensemble",
     progress: Progress | None = None,
 ) -> list[EvalResult]:
-    """Bits per byte of an ensemble of models that share ``tokenizer`` (spec/ALM.md §7.3).
+    """Bits per byte of an ensemble of models that share ``tokenizer`` (docs/method.md, "Ensembles").
 
     One result per rule in ``combine`` (``p``: log of the mean probability; ``logp``:
     renormalised mean log-probability), all from one pass over the members.

@@ -1,21 +1,21 @@
-"""Run a teacher over documents: per teacher token, what stage 2 needs (spec/ALM.md §6).
+"""Run a teacher over documents: per teacher token, what stage 2 needs (docs/method.md, "What the store holds").
 
 Dimension letters: ``B`` sequences in a batch, ``T`` positions, ``N`` token rows of one
 document, ``n`` positions scored in a batch, ``V`` tokenizer vocabulary (the softmax
 width), ``K`` top-k, ``H`` hidden size, ``C`` boundary classes.
 
-Per token row ``r`` of a document (DESIGN.md §3; arrays of :class:`xtd.storage.Document`):
+Per token row ``r`` of a document (docs/format.md; arrays of :class:`xtd.storage.Document`):
 
 * ``token_logprob[r] = log_softmax(z[r-1])[t_r]`` in fp32, clamped ≤ 0 — the realised
   log-prob sits on the row of the token it scores; row 0 has no context and is NaN;
 * ``boundary_logmass[r, c] = log Σ_{v in class c} softmax(z[r])[v]`` — the mass of the
   token *after* row ``r`` by boundary class (space, newline, tab, special; the classes of
   :mod:`xtd.tokenization`), summed over the **full** softmax in fp32, clamped ≤ 0,
-  ``-inf`` for zero mass, stored fp16 (spec §4.1, §6);
+  ``-inf`` for zero mass, stored fp16 (docs/method.md, "Scoring a chunk", "What the store holds");
 * ``topk_ids/topk_logprobs[r]``: the ``K`` most likely next tokens after row ``r`` and
   ``tail_logmass[r] = log(1 − Σ top-k probs)`` (a difference of sums: accurate to about
   1e-6 in probability mass, so a tiny tail is only approximate in log space);
-* ``hidden[r]``: the last hidden state after the final norm (spec §4.3), fp16.
+* ``hidden[r]``: the last hidden state after the final norm (docs/method.md, "Hidden-state loss"), fp16.
 
 Logits of vocabulary rows beyond the tokenizer's ids (padded embedding matrices) are
 dropped before every softmax.
@@ -81,7 +81,7 @@ class TeacherInput:
         chat: True for text rendered with a chat template: occurrences of special-token
             strings become those special tokens (as ``apply_chat_template`` tokenises), and
             their literal strings are not part of the stored text (each is an empty-span
-            row at its position, spec/ALM.md §2.3). False: plain text, tokenised with the
+            row at its position, docs/method.md, "Byte view of a tokenizer"). False: plain text, tokenised with the
             tokenizer's own special tokens added (e.g. a BOS), and special-token strings
             inside it are ordinary text.
         loss_spans: (M, 2) byte ranges ``[start, end)`` of ``text`` to train on, or None.
@@ -433,7 +433,7 @@ def _run_batch(
             hid = out.hidden_states[-1] if opts.hidden else None
             logits_all = out.logits
         gathered_h = hid[b_idx, t_idx] if hid is not None else None  # (n, H)
-    # Outside autocast: softmax statistics are fp32 (spec/ALM.md §6), only the output
+    # Outside autocast: softmax statistics are fp32 (docs/method.md, "What the store holds"), only the output
     # layer runs in the forward precision.
     stats_out = _position_stats(teacher, gathered_h, logits_all, b_idx, t_idx, target, opts)
     lp_next, bmass, topk_ids, topk_lp, tail = (x.cpu().numpy() if x is not None else None for x in stats_out)

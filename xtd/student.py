@@ -5,12 +5,12 @@ Four ways to get a student (:func:`load_student`):
 (a) a Hugging Face causal LM (id or folder) with its own tokenizer;
 (b) the same model moved to another tokenizer (``tokenizer=``: any spec of
     :func:`xtd.tokenization.load_tokenizer`, ``"bytes"`` included), its embeddings
-    initialised by FVT (spec/ALM.md §7.1, :func:`xtd.fvt.fvt_init`);
+    initialised by FVT (docs/method.md, "FVT initialisation", :func:`xtd.fvt.fvt_init`);
 (c) a fresh, randomly initialised model from a config (``model_config=``) with a given
     tokenizer, for distilling into a small model from scratch;
 (d) the embedded default ``embedded:smollm2`` (:func:`xtd.assets.embedded_teacher_dir`).
 
-Byte-level students (spec/ALM.md §7.2) are case (b) with ``tokenizer="bytes"``: the
+Byte-level students (docs/method.md, "Byte students") are case (b) with ``tokenizer="bytes"``: the
 vocabulary is the 256 bytes plus special tokens. Input-id expansion (BLT-style n-gram
 embeddings) is not implemented in this version.
 

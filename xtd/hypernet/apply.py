@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xtd.hypernet.config import HypernetApplyConfig
+from xtd.config import HypernetApplyConfig
 from xtd.hypernet.decomposition import DECOMPOSITION_RULES
 from xtd.runtime import resolve_device
 
@@ -44,7 +44,7 @@ def apply_hypernet(
     """Move the hypernetwork's base model to ``config.tokenizer`` zero-shot and save it.
 
     Args:
-        config: the settings (:class:`~xtd.hypernet.config.HypernetApplyConfig`).
+        config: the settings (:class:`~xtd.config.HypernetApplyConfig`).
         progress: called with (tokens embedded, tokens in total).
 
     Returns:

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from xtd.config import HypernetConfig
 from xtd.errors import ConfigError, ModelLoadError, TokenizerError, TokenizerMismatchError
 from xtd.fvt import EmbeddingLayout, embedding_table
-from xtd.hypernet.config import HypernetConfig
 from xtd.hypernet.decomposition import Decomposer, Decomposition
 
 if TYPE_CHECKING:

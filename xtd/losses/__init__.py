@@ -1,7 +1,7 @@
 """Losses of xtd: ALM (debiased, boundary-merged), hidden states, SFT, KD, ULD, MinED, GradMag.
 
-Pure torch functions over batch-padded tensors and chunk-index arrays (spec/ALM.md §3.5,
-§4–5): no file access, no models. Every loss takes a ``normalizer`` (a global count over
+Pure torch functions over batch-padded tensors and chunk-index arrays (docs/method.md,
+"Chunks" to "Baselines"): no file access, no models. Every loss takes a ``normalizer`` (a global count over
 the micro-batches and ranks of an optimizer step, from the matching data-only ``count_*``
 function), so summed micro-batch losses equal the loss of the whole global batch.
 

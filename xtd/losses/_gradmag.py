@@ -1,4 +1,4 @@
-"""GradMag: weight each loss by the inverse norm of its gradient on the last block (spec/ALM.md §4.5)."""
+"""GradMag: weight each loss by the inverse norm of its gradient on the last block (docs/method.md, "GradMag")."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def gradmag_weights(
     eps: float = 1e-8,
     normalize: bool = True,
 ) -> dict[str, Tensor]:
-    """w_i = stopgrad(1 / (‖∂L_i/∂θ_last‖ + eps)), divided by W = Σ_i w_i (spec §4.5 step 1).
+    """w_i = stopgrad(1 / (‖∂L_i/∂θ_last‖ + eps)), divided by W = Σ_i w_i (docs/method.md, "GradMag").
 
     One ``torch.autograd.grad(L_i, params, retain_graph=True)`` per loss; the graph stays
     alive for the single backward of :func:`combine_losses`. Weights are per micro-batch.
@@ -63,7 +63,7 @@ def gradmag_weights(
 
 
 def combine_losses(losses: dict[str, Tensor], weights: dict[str, Tensor]) -> Tensor:
-    """Σ_i w_i·L_i: the one loss to call ``backward()`` on (spec §4.5 step 2)."""
+    """Σ_i w_i·L_i: the one loss to call ``backward()`` on (docs/method.md, "GradMag")."""
     terms = [
         weights[name].to(device=loss.device, dtype=loss.dtype) * loss
         for name, loss in losses.items()

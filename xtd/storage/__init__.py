@@ -1,4 +1,4 @@
-"""The teacher shard store, format version 1 (DESIGN.md §3, docs/format.md).
+"""The teacher shard store, format version 1 (docs/format.md).
 
 Write with :class:`StoreWriter` (one per rank, one document at a time, crash-safe and
 resumable), read with :func:`open_store` (random access, whole-shard streaming),
