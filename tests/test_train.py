@@ -234,7 +234,14 @@ def test_training_lowers_the_alm_loss(tiny_store: Path, tiny_lm_b: Path, tmp_pat
 _SLOW_CLI = """
 import sys, time
 import xtd.train
-xtd.train._after_step = lambda step: time.sleep(0.25)  # slow each step so the test can kill mid-run
+_train = xtd.train.train
+def _slow_train(config, *, progress=None):  # slow each step (through the progress callback) to kill mid-run
+    def slowly(record):
+        time.sleep(0.25)
+        if progress is not None:
+            progress(record)
+    return _train(config, progress=slowly)
+xtd.train.train = _slow_train
 from xtd.cli import main
 sys.argv = ["xtd", *sys.argv[1:]]
 main()
