@@ -84,3 +84,36 @@ def test_flat_and_nested_construction_agree() -> None:
     assert TrainConfig.from_dict(flat.flat_dict()) == flat == TrainConfig.from_dict(flat.to_dict())
     with pytest.raises(TypeError, match="bogus"):
         TrainConfig(store=("s",), out="o", bogus=1)
+
+
+def test_precompute_and_eval_read_a_config_file_and_precompute_resumes_from_its_store(
+    tiny_lm: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("first text here", "a second, longer text")))
+    store = tmp_path / "store"
+    (tmp_path / "pre.yaml").write_text(f"teacher: {tiny_lm}\ndata: {data}\ntop-k: 2\nmax_length: 64\nstride: 16\n")
+    first = runner.invoke(app, ["precompute", "--config", str(tmp_path / "pre.yaml"), "--out", str(store), "--json"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout.splitlines()[-1])["complete"]
+    from xtd.storage import open_store
+
+    assert open_store(store).top_k == 2  # the file's value, not the default
+    # --resume --out STORE: the store's own settings, nothing else typed; a finished store has nothing to do
+    again = runner.invoke(app, ["precompute", "--resume", "--out", str(store), "--json"])
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert summary["complete"] and summary["documents_written"] == 0 and summary["documents_resumed"] == 2
+    # eval: settings from JSON, a flag typed on the command line overrides the file
+    text = tmp_path / "t.txt"
+    text.write_text("Hello there, a short text to score. " * 4)
+    (tmp_path / "eval.json").write_text(json.dumps({"model": [str(tiny_lm)], "text": str(text), "max_length": 9999}))
+    from_file = runner.invoke(app, ["eval", "--config", str(tmp_path / "eval.json"), "--json"])
+    assert from_file.exit_code == 0, from_file.output
+    assert json.loads(from_file.stdout.splitlines()[-1])["config"]["max_length"] == 9999
+    typed = runner.invoke(app, ["eval", "--config", str(tmp_path / "eval.json"), "--max-length", "32", "--stride", "8", "--json"])
+    assert typed.exit_code == 0, typed.output
+    summary = json.loads(typed.stdout.splitlines()[-1])
+    (row,) = summary["results"]
+    assert summary["config"]["max_length"] == 32
+    assert row["model"] == str(tiny_lm) and row["num_bytes"] == len(text.read_bytes())

@@ -18,6 +18,7 @@ from xtd.errors import ConfigError
 from xtd.tokenization import BOUNDARY_CLASSES
 
 __all__ = [
+    "ALM_DISTANCES",
     "ALMSettings",
     "DataSettings",
     "OptimSettings",
@@ -26,19 +27,20 @@ __all__ = [
     "parse_eval_text",
 ]
 
-TRAIN_ALM_DISTANCES = (
+ALM_DISTANCES = (
     "binary_ce",
     "binary_kl",
     "abs",
     "abs_exp",
     "reverse_binary_kl",
     "binary_kl_temp_limit",
+    "renyi",
     "joschu_k2",
     "joschu_k3",
 )
-"""``--distance`` choices: :data:`xtd.losses.ALM_DISTANCES` without ``renyi``, whose order
-alpha the CLI does not expose. Listed here rather than imported because xtd.losses
-imports torch and the configs stay light; tests/test_losses.py checks the two agree."""
+"""Every distance :func:`xtd.losses.alm_distance` computes (docs/method.md, "The distance")."""
+TRAIN_ALM_DISTANCES = tuple(d for d in ALM_DISTANCES if d != "renyi")
+"""``--distance`` choices: all but ``renyi``, whose order alpha the CLI does not expose."""
 
 
 def _require(problems: list[str], ok: bool, message: str) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from xtd.config.train import ALM_DISTANCES
 from xtd.errors import ConfigError, DataError
 from xtd.losses._chunks import (
     LOGPROB_FLOOR,
@@ -45,19 +45,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Distance = Literal[
-    "binary_ce",
-    "binary_kl",
-    "abs",
-    "abs_exp",
-    "reverse_binary_kl",
-    "binary_kl_temp_limit",
-    "renyi",
-    "joschu_k2",
-    "joschu_k3",
-]
-ALM_DISTANCES: tuple[str, ...] = get_args(Distance)
-"""The ALM distances of :func:`alm_distance`, in the order of the ``Distance`` type."""
+Distance = str
+"""One of :data:`ALM_DISTANCES` (listed with the settings, :mod:`xtd.config.train`)."""
 
 _LN2 = math.log(2.0)
 _CHUNK_ELEMENTS = 1 << 23  # rows × vocab per slab in student_path: 32 MB of fp32 temporaries

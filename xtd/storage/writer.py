@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHARD_TOKENS = 1 << 17  # 131,072 rows: a shard file of top-32 q8 is ≈ 4 MB raw
 DEFAULT_CHUNK_ROWS = 2048  # a random 512-token window touches one or two chunks
 
+
 def _xtd_version() -> str:
     try:
         from importlib.metadata import version
