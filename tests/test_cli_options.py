@@ -117,3 +117,15 @@ def test_precompute_and_eval_read_a_config_file_and_precompute_resumes_from_its_
     (row,) = summary["results"]
     assert summary["config"]["max_length"] == 32
     assert row["model"] == str(tiny_lm) and row["num_bytes"] == len(text.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "verb", [["precompute"], ["train"], ["eval"], ["align"], ["inspect"], ["verify"], ["hypernet", "apply"]]
+)
+def test_help_shows_metavars_and_examples_not_python_types(verb: list[str]) -> None:
+    import re
+
+    result = runner.invoke(app, [*verb, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert not re.search(r"<(str|bool|int|float|list|path)\b[^>]*>", result.output), result.output
+    assert "Examples" in result.output and f"xtd {' '.join(verb)}" in result.output.split("Examples")[-1]

@@ -22,11 +22,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 try:  # typer ≥ 0.26 ships its own copy of click
+    import typer._click as click
     from typer._click import exceptions as _click_errors
 except ImportError:  # pragma: no cover - older typer on top of click
+    import click  # type: ignore[no-redef]
     from click import exceptions as _click_errors  # type: ignore[no-redef]
 
 from xtd.console import console, set_progress_enabled, setup_logging
@@ -137,12 +139,33 @@ def _one_line(exc: XtdError) -> str:
     return text
 
 
+class _Command(TyperCommand):
+    """A verb whose help shows metavars only (``STORE``, ``N``), never typer's ``<str>``/``<bool>``."""
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = _no_type  # type: ignore[method-assign]
+        return params
+
+
+def _no_type(ctx: click.Context) -> None:
+    return None
+
+
 def command(*args: Any, group: typer.Typer | None = None, **kwargs: Any) -> Callable[[F], F]:
     """``@command("name", epilog=EXAMPLES)``: register a verb on :data:`app` (or on the
     sub-command ``group``, e.g. ``xtd hypernet``) behind the error funnel."""
 
     def decorate(func: F) -> F:
-        (group or app).command(*args, **kwargs)(_funnel(func))
+        (group or app).command(*args, cls=_Command, **kwargs)(_funnel(func))
         return func
 
     return decorate

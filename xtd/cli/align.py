@@ -48,7 +48,7 @@ _out = results  # stdout carries results only
 def align_command(
     config: AlignConfig,
     literal: Annotated[
-        str | None, typer.Argument(metavar="[TEXT]", help="One text to align, given on the command line.")
+        str | None, typer.Argument(metavar="TEXT", help="One text to align, given on the command line.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the result as one line of JSON.")] = False,
 ) -> None:
