@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from xtd import assets
+from xtd.assets import cache_dir, quicktok_paths
 from xtd.errors import TokenizerError
 
 __all__ = ["EMBEDDED_TOKENIZERS", "bytes_to_unicode", "bytes_hf", "embedded_hf", "wrap_backend"]
@@ -92,7 +94,6 @@ def bytes_hf(specials_of: Any | None = None) -> Any:
 
 def embedded_hf(name: str) -> Any:
     """The transformers tokenizer of ``embedded:<name>``, built from packaged files."""
-    from xtd import assets
 
     if name == "smollm2":
         from transformers import AutoTokenizer
@@ -118,7 +119,6 @@ def _cached_json(key: str, build: Any) -> Any:
     """Build a tokenizers.Tokenizer once and keep its JSON under the xtd cache dir."""
     from tokenizers import Tokenizer
 
-    from xtd.assets import cache_dir
 
     path = cache_dir() / "tokenizers" / f"{key}.json"
     if path.is_file():
@@ -133,7 +133,6 @@ def _cached_json(key: str, build: Any) -> Any:
 
 
 def _read_quicktok(name: str) -> tuple[dict[bytes, int], dict[str, int]]:
-    from xtd.assets import quicktok_paths
 
     vocab_path, special_path = quicktok_paths(name)
     data = vocab_path.read_bytes()

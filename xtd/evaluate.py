@@ -49,7 +49,10 @@ import torch
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
 from xtd.packing import pack_longest_first, plan_windows
 from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
+from xtd.sampling import teacher_samples
+from xtd.student import load_causal_lm, model_tokenizer
 from xtd.texts import held_out_texts, read_tasks, read_texts
+from xtd.tokenization import load_tokenizer
 
 if TYPE_CHECKING:
     from xtd.config import EvalConfig
@@ -488,8 +491,6 @@ def exact_match(
 
 
 def _load(spec: str, tokenizer_spec: str | None, config: EvalConfig) -> tuple[Any, ByteTokenizer]:
-    from xtd.student import load_causal_lm, model_tokenizer
-    from xtd.tokenization import load_tokenizer
 
     device = resolve_device(config.device)
     model = load_causal_lm(spec, dtype=torch_dtype(resolve_dtype(config.dtype, device)))
@@ -522,7 +523,6 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None) -> list[Ev
     tasks = read_tasks(config.task) if config.task is not None else None
     texts: list[str] | None = None
     if config.sample_from is not None:  # the teacher's samples are the text (xtd.sampling)
-        from xtd.sampling import teacher_samples
 
         texts = [record["text"] for record in teacher_samples(config, progress=progress)]
     elif config.text is not None:

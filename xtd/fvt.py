@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from xtd.errors import TokenizerError
+from xtd.errors import ByteIdentityError, TokenizerError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -247,7 +247,6 @@ def _encode_plain(tok: ByteTokenizer, texts: list[str]) -> list[list[int] | None
     such texts are found by halving the batch, so a few of them cost a few more batched
     calls, not one call per text.
     """
-    from xtd.errors import ByteIdentityError
 
     try:
         return [enc.ids.tolist() for enc in tok.encode_batch(texts)]

@@ -41,6 +41,7 @@ from transformers import DynamicCache
 
 from xtd.errors import ConfigError
 from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
+from xtd.student import load_causal_lm, model_tokenizer
 from xtd.texts import read_prompts
 
 __all__ = ["sample_texts", "write_samples", "teacher_samples", "SEED_STRIDE", "SAMPLE_BATCH"]
@@ -239,7 +240,6 @@ def teacher_samples(config: Any, *, progress: Callable[[str, int, int], None] | 
     """
     import gc
 
-    from xtd.student import load_causal_lm, model_tokenizer
 
     prompts = read_prompts(config.prompts) if config.prompts is not None else []
     tokenizer = model_tokenizer(config.sample_from)

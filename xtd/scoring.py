@@ -52,9 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from xtd.errors import ConfigError
+from xtd.errors import ByteIdentityError, ConfigError
 from xtd.packing import pack_longest_first, plan_windows
+from xtd.storage import Document
 from xtd.teacher import Teacher
+from xtd.tokenization import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +227,6 @@ def _pools(inputs: Iterable[TeacherInput], pool_bytes: int) -> Iterator[list[Tea
 
 def _encode_pool(teacher: Teacher, pool: list[TeacherInput]) -> list[tuple[bytes, Any, np.ndarray | None]]:
     """(stored text bytes, Encoding, loss spans in stored bytes) per document."""
-    from xtd.errors import ByteIdentityError
 
     tok = teacher.tokenizer
     out: list[tuple[bytes, Any, np.ndarray | None] | None] = [None] * len(pool)
@@ -247,7 +248,6 @@ def _encode_pool(teacher: Teacher, pool: list[TeacherInput]) -> list[tuple[bytes
 
 
 def _encode_one_plain(tok: Any, item: TeacherInput) -> None:
-    from xtd.errors import ByteIdentityError
 
     try:
         tok.encode(item.text, add_special_tokens=True)
@@ -273,8 +273,6 @@ def _special_pattern(tok: Any) -> re.Pattern[str] | None:
 
 def _encode_chat(teacher: Teacher, item: TeacherInput) -> tuple[bytes, Any, np.ndarray | None]:
     """Tokenise rendered chat text: special strings → special ids with empty spans."""
-    from xtd.errors import ByteIdentityError
-    from xtd.tokenization import Encoding
 
     tok = teacher.tokenizer
     pattern = _special_pattern(tok)
@@ -324,7 +322,6 @@ def _encode_chat(teacher: Teacher, item: TeacherInput) -> tuple[bytes, Any, np.n
 
 
 def _score_pool(teacher: Teacher, pool: list[TeacherInput], opts: _Options, stats: ScoreStats) -> Iterator[Any]:
-    from xtd.storage import Document
 
     encoded = _encode_pool(teacher, pool)
     windows: list[_Window] = []

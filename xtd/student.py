@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from xtd.assets import embedded_teacher_dir
 from xtd.errors import ConfigError, ModelLoadError, TokenizerError
 from xtd.fvt import (
     FVT_RULES,
@@ -43,6 +44,7 @@ from xtd.fvt import (
     untie_embeddings,
 )
 from xtd.model_parts import LINEAR_TYPES, decoder_blocks
+from xtd.tokenization import load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -116,7 +118,6 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> str:
             raise ConfigError(
                 f"unknown embedded model {text!r}; the only embedded model is 'embedded:smollm2'"
             )
-        from xtd.assets import embedded_teacher_dir
 
         return str(embedded_teacher_dir())
     return text
@@ -156,7 +157,6 @@ def model_tokenizer(spec: str | os.PathLike[str]) -> ByteTokenizer:
     Raises:
         TokenizerError: the model folder holds no tokenizer files (pass one explicitly).
     """
-    from xtd.tokenization import load_tokenizer
 
     path = resolve_model_path(spec)
     local = Path(path)
@@ -231,7 +231,6 @@ def load_student(
             ``lora_rank < 0``, no LoRA targets found).
         ModelLoadError, TokenizerError: the model or tokenizer cannot be loaded.
     """
-    from xtd.tokenization import load_tokenizer
 
     if lora_rank < 0:
         raise ConfigError(f"--lora-rank ({lora_rank}) must be 0 (full fine-tuning) or positive")

@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from xtd.assets import DEFAULT_TEACHER, embedded_teacher_dir
 from xtd.config import canonical_dtype
 from xtd.errors import ModelLoadError, TokenizerMismatchError
 from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
+from xtd.tokenization import BOUNDARY_CLASSES, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -178,14 +180,11 @@ def resolve_teacher(spec: str | None, *, revision: str | None = None) -> Teacher
         ModelLoadError: nothing loadable under that name (raised fast, before any weights).
         TokenizerError: the teacher's tokenizer has no exact byte view.
     """
-    from xtd.assets import DEFAULT_TEACHER
-    from xtd.tokenization import load_tokenizer
 
     name = spec or DEFAULT_TEACHER
     if name.startswith(_EMBEDDED_PREFIX):
         if name != DEFAULT_TEACHER:
             raise ModelLoadError(f"unknown embedded teacher {name!r}; the embedded teacher is {DEFAULT_TEACHER!r}")
-        from xtd.assets import embedded_teacher_dir
 
         logger.info("teacher: the embedded SmolLM2-135M-Instruct (converted from its GGUF on first use)")
         folder = embedded_teacher_dir()
@@ -266,7 +265,6 @@ def load_teacher(
     weight = head.weight[:vocab].detach()
     bias = head.bias[:vocab].detach() if getattr(head, "bias", None) is not None else None
     classes = torch.as_tensor(source.tokenizer.boundary_class.astype(np.int64))
-    from xtd.tokenization import BOUNDARY_CLASSES
 
     # (V, 1 + C): column 0 sums everything (the softmax normaliser), column 1 + c class c.
     class_matrix = torch.zeros(vocab, 1 + len(BOUNDARY_CLASSES), dtype=torch.float32)

@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xtd.config import HypernetApplyConfig
+from xtd.fvt import is_tied, set_embedding_table
 from xtd.hypernet.decomposition import DECOMPOSITION_RULES
+from xtd.hypernet.model import load_hypernet, read_hypernet_record
 from xtd.runtime import resolve_device
+from xtd.student import Student, check_out_folder, save_student
+from xtd.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +59,6 @@ def apply_hypernet(
         ModelLoadError, TokenizerError: the hypernetwork, base model or tokenizer cannot
             be loaded.
     """
-    from xtd.fvt import is_tied, set_embedding_table
-    from xtd.hypernet.model import load_hypernet, read_hypernet_record
-    from xtd.student import Student, check_out_folder, save_student
-    from xtd.tokenization import load_tokenizer
 
     out = check_out_folder(config.out, overwrite=config.overwrite)
     device = resolve_device(config.device)
