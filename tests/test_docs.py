@@ -37,10 +37,12 @@ def test_every_method_citation_names_a_section() -> None:
 
 
 def test_nothing_cites_documents_outside_the_repository() -> None:
-    outside = re.compile(r"spec/ALM|spec §|DESIGN\.md|STYLE\.md|ASSETS\.md|\.\./shared")
+    # the names are split so that this file does not cite them either
+    names = [("spec/", "ALM"), ("spec ", "§"), ("DESIGN", ".md"), ("STYLE", ".md"), ("ASSETS", ".md"), ("../", "shared")]
+    outside = re.compile("|".join(re.escape(a + b) for a, b in names))
     found = [
         f"{path.relative_to(REPO)}:{n}"
-        for path in SOURCES if path.name != "test_docs.py"
+        for path in SOURCES
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if outside.search(line)
     ]  # fmt: skip
     assert not found, found
