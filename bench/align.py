@@ -42,7 +42,7 @@ from _common import main, result, target  # noqa: E402
 
 
 def baseline_walk(t_ids: Any, s_ids: Any, t_bytes: list[bytes], s_bytes: list[bytes]) -> tuple[Any, Any, list]:
-    """The straightforward per-example pure-Python two-pointer (spec/ALM.md §3.1).
+    """The straightforward per-example pure-Python two-pointer (docs/method.md, "Chunks").
 
     Takes what a tokenizer gives (id arrays) and the vocabularies' byte views, walks
     token by token with running byte counts, and returns the same outputs as

@@ -37,7 +37,7 @@ def _synthetic_targets(bsz: int, slen: int, seed: int) -> ALMTargets:
     tlen = max(len(r) for r in tch)
     tc = torch.tensor([r + [-1] * (tlen - len(r)) for r in tch])
     sc = torch.tensor(sch)
-    # Cut the teacher where the student ends, as the aligner does (spec §3.4).
+    # Cut the teacher where the student ends, as the aligner does (docs/method.md, "Chunks").
     for b in range(bsz):
         last = int(sc[b].max())
         tc[b][tc[b] > last] = -1

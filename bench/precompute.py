@@ -61,12 +61,12 @@ def _documents(num_tokens: int, tokenizer: Any, max_tokens: int) -> list[str]:
 
 def _bare_forward_tokens_per_s(teacher: Any, texts: list[str], batch_tokens: int) -> float:
     """Stored tokens per second of the model's own forward over xtd's batches."""
-    from xtd.scoring import plan_batches
+    from xtd.packing import pack_longest_first
 
     encs = teacher.tokenizer.encode_batch(texts, add_special_tokens=True)
     ids = [e.ids for e in encs]
     lengths = [len(x) for x in ids]
-    batches = plan_batches(lengths, batch_tokens)
+    batches = pack_longest_first(lengths, max_tokens=batch_tokens)
     tensors = []
     for batch in batches:
         width = max(lengths[i] for i in batch)

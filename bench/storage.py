@@ -52,7 +52,7 @@ CONFIDENT_SHARE = 0.1
 TOPK_JITTER = 0.1
 UNIFORM_ID_SHARE = 0.005
 STUDENT_TOKENS_PER_S = (
-    8_000  # a small student training on 2 CPU cores (ASSETS.md: 150–200 tok/s for 135M)
+    8_000  # a small student training on 2 CPU cores (measured here: 150–200 tok/s for 135M)
 )
 
 
@@ -70,7 +70,7 @@ def _tokenizer() -> Any:
 
 def _token_classes(tok: Any) -> np.ndarray:
     """(V,) int8 boundary class of each id by its first byte (space 0, newline 1, tab 2, none -1)."""
-    # GPT-2 shows bytes as characters: Ġ = space, Ċ = newline, ĉ = tab (spec/ALM.md §2).
+    # GPT-2 shows bytes as characters: Ġ = space, Ċ = newline, ĉ = tab (docs/method.md, "Byte view of a tokenizer").
     vocab = tok.get_vocab()
     classes = np.full(max(vocab.values()) + 1, -1, dtype=np.int8)
     for piece, i in vocab.items():

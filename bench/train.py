@@ -11,7 +11,7 @@ Same student, same micro-batch, same optimizer for every variant:
 * ``alm_sft_live_teacher_gradmag``: the reference's way: the teacher runs forward inside
   the step to produce ℓ^T and the boundary mass, then the same losses with GradMag
   (reported as the speed-up of the shard step over it);
-* loader throughput: student tokens per second that :class:`xtd.batching.StepDataset`
+* loader throughput: student tokens per second that :class:`xtd.train_data.StepDataset`
   prepares (read, tokenise, align, pad) vs tokens per second the step consumes —
   target ≥ 10×.
 
@@ -102,20 +102,17 @@ def _median_times(variants: dict[str, Any], repeats: int) -> dict[str, float]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     from xtd.assets import embedded_teacher_dir
-    from xtd.batching import (
-        DataSpec,
-        StepDataset,
-        StepPlan,
-        build_example,
-        count_normalizers,
-        pad_examples,
-    )
-    from xtd.losses import last_block_parameters
-    from xtd.objective import LossSetup, combine_terms, compute_losses
+    from xtd.config import ALMSettings, DataSettings
+    from xtd.data_plan import StepPlan
+    from xtd.examples import build_example, pad_examples
+    from xtd.losses.registry import count_normalizers, loss_specs
+    from xtd.model_parts import last_block_parameters
+    from xtd.objective import Objective
     from xtd.storage import open_store
     from xtd.student import load_student
     from xtd.teacher import load_teacher
     from xtd.tokenization import load_tokenizer
+    from xtd.train_data import StepDataset, TrainData
 
     torch.manual_seed(0)
     batch_texts, chars, student_len = (4, 600, 96) if quick else (8, 2000, 256)
@@ -154,13 +151,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     last_block = last_block_parameters(model)
     bmask = torch.as_tensor(student_tok.boundary_mask(), dtype=torch.bool)
+    alm = ALMSettings(boundary_classes=("space", "newline", "tab", "special"))
 
     def step(names: tuple[str, ...], data: dict[str, torch.Tensor], gradmag: bool = True) -> None:
-        setup = LossSetup(names=names, student_boundary_mask=bmask)
-        counts = count_normalizers(data, names, merge=True, merge_threshold=0.1)
-        terms, _ = compute_losses(model, data, setup, {n: float(max(c, 1)) for n, c in counts.items()})
-        objective, _ = combine_terms(terms, dict.fromkeys(names, 1.0), last_block if gradmag else [], counts)
-        objective.backward()
+        specs = loss_specs(names)
+        objective = Objective(losses=specs, alm=alm, weights=dict.fromkeys(names, 1.0), boundary_mask=bmask)
+        counts = count_normalizers(data, specs, alm)
+        terms, _ = objective(model, data, {n: float(max(c, 1)) for n, c in counts.items()})
+        loss, _ = objective.combine(terms, counts, last_block if gradmag else [])
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -187,14 +186,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     sft_s, shards_s, gradmag_s, live_s = (timed[k] for k in ("sft", "shards", "shards_gradmag", "live_gradmag"))
 
     # Loader throughput: whole steps of the same size, read + tokenised + aligned + padded.
-    spec = DataSpec(
+    spec = TrainData(
         stores=(str(store),),
         student_tokenizer=student_tok,
         plan=StepPlan((len(reader),), batch_size=batch_texts, seed=0),
+        data=DataSettings(batch_size=batch_texts, max_student_length=student_len, long_documents="truncate"),
+        alm=alm,
+        losses=loss_specs(("alm", "sft")),
         micro_batch_size=batch_texts,
-        max_student_length=student_len,
-        max_teacher_length=None,
-        boundary_classes=("space", "newline", "tab", "special"),
     )
     dataset = StepDataset(spec)
     dataset[0]

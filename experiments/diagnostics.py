@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from xtd.batching import DataSpec, StepDataset, StepPlan, alm_targets
-from xtd.losses import alm_chunks, student_path
+from xtd.config import ALMSettings, DataSettings
+from xtd.data_plan import StepPlan
+from xtd.losses import ALMTargets, alm_chunks, student_path
+from xtd.losses.registry import loss_specs
 from xtd.objective import student_forward
 from xtd.storage import open_store
 from xtd.tokenization import BOUNDARY_CLASSES
+from xtd.train_data import StepDataset, TrainData
 
 __all__ = ["BUCKETS", "group_values", "alm_diagnostics"]
 
@@ -81,17 +84,18 @@ def alm_diagnostics(model_dir: str | Path, store: str | Path, *, max_length: int
     model = load_causal_lm(str(model_dir)).eval()
     tokenizer = model_tokenizer(str(model_dir))
     reader = open_store(str(store))
-    spec = DataSpec(
+    spec = TrainData(
         stores=(str(store),), student_tokenizer=tokenizer, plan=StepPlan((len(reader),), len(reader)),
-        micro_batch_size=16, max_student_length=max_length, max_teacher_length=None,
-        boundary_classes=tuple(BOUNDARY_CLASSES), merge_threshold=merge_threshold, losses=("alm",),
+        data=DataSettings(batch_size=len(reader), max_student_length=max_length, long_documents="truncate"),
+        alm=ALMSettings(boundary_classes=tuple(BOUNDARY_CLASSES), merge_threshold=merge_threshold),
+        losses=loss_specs(("alm",)), micro_batch_size=16,
     )
     mask = torch.as_tensor(tokenizer.boundary_mask(tuple(BOUNDARY_CLASSES)), dtype=torch.bool)
     parts: list[dict[str, Any]] = []
     for batch in StepDataset(spec)[0]["micro_batches"]:
         logits, _ = student_forward(model, batch)
         logprob, sigma = student_path(logits, batch["input_ids"], mask)
-        parts.append(group_values(logprob, sigma, alm_targets(batch), merge_threshold=merge_threshold))
+        parts.append(group_values(logprob, sigma, ALMTargets.from_batch(batch), merge_threshold=merge_threshold))
     del model
     gc.collect()
     return summarise_groups(parts)

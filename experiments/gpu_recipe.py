@@ -81,22 +81,23 @@ def _flag(name: str) -> str:
 
 
 def train_args(config: TrainConfig) -> list[str]:
-    """``xtd train`` arguments that rebuild ``config`` (every field that differs from its default)."""
+    """``xtd train`` arguments that rebuild ``config`` (every setting that differs from its default)."""
     args = ["xtd", "train"]
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(config, f.name)
-        if f.default is not dataclasses.MISSING and value == f.default:
+    values = config.flat_dict()
+    for leaf in TrainConfig.leaves():
+        value = values[leaf.key]
+        value = tuple(value) if isinstance(value, list) else value
+        if not leaf.required and value == leaf.default:
             continue
         if isinstance(value, bool):
-            args.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+            args.append(_flag(leaf.key) if value else "--no-" + leaf.key.replace("_", "-"))
+        elif isinstance(value, tuple) and leaf.sep:
+            args += [_flag(leaf.key), leaf.sep.join(value)]
         elif isinstance(value, tuple):
-            if f.name == "boundary_classes":
-                args += [_flag(f.name), ",".join(value)]
-            else:
-                for item in value:
-                    args += [_flag(f.name), str(item)]
+            for item in value:
+                args += [_flag(leaf.key), str(item)]
         else:
-            args += [_flag(f.name), str(value)]
+            args += [_flag(leaf.key), str(value)]
     return args
 
 

@@ -1,4 +1,4 @@
-"""Alignment (spec/ALM.md §3): the §10 vectors, a slow two-pointer reference on random
+"""Alignment (docs/method.md, "Chunks"): the worked-example vectors, a slow two-pointer reference on random
 span pairs, edge cases, and properties on real tokenizers over adversarial text."""
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from xtd.tokenization import load_tokenizer
 
 
 def _chunks(a: Alignment) -> list[tuple[int, int, int, int]]:
-    """Chunks as (teacher range | student range) tuples, the notation of spec §10."""
+    """Chunks as (teacher range | student range) tuples, the notation of docs/method.md, "Worked example"."""
     return [(*t, *s) for t, s in zip(a.teacher_ranges.tolist(), a.student_ranges.tolist(), strict=True)]
 
 
 def reference_walk(t_lens, t_slot, s_lens, s_slot):
-    """Spec §3.1 literally: two pointers, running byte counts, slot units at boundaries.
+    """docs/method.md, "Chunks", literally: two pointers, running byte counts, slot units at boundaries.
 
     Lengths are byte-view lengths (slot tokens 0), slot labels -1 = text, ≥ 0 = slot.
     Returns (teacher chunk ids, student chunk ids, chunk byte ranges, slot flags).
@@ -139,7 +139,7 @@ def _random_case(rng: np.random.Generator):
 
     t_lens, t_slot = build(bounds_t, 0)
     s_lens, s_slot = build(bounds_s, 1)
-    if rng.random() < 0.3 and t_lens:  # truncation of one side (spec §3.4)
+    if rng.random() < 0.3 and t_lens:  # truncation of one side (docs/method.md, "Chunks")
         cut = int(rng.integers(0, len(t_lens) + 1))
         t_lens, t_slot = t_lens[:cut], t_slot[:cut]
     if rng.random() < 0.3 and s_lens:
@@ -153,7 +153,7 @@ def _spans(lens):
     return np.stack([ends - np.asarray(lens, dtype=np.int64), ends], axis=1) if lens else np.zeros((0, 2), np.int64)
 
 
-# --- spec §10 vectors --------------------------------------------------------------------
+# --- docs/method.md, "Worked example" vectors --------------------------------------------------------------------
 
 
 def test_vector_10_1_subword_vs_subword():
@@ -214,7 +214,7 @@ def test_repair_is_pure_and_skips_leading_slots():
     t_in, s_in = [b"", b"x"], [b"", b"  x"]
     t, s = repair_leading_space(t_in, s_in, [True, False], [True, False])
     assert t == [b"", b"  x"] and s == [b"", b"  x"]
-    assert t_in == [b"", b"x"]  # the reference mutates in place (spec §9 item 14); we do not
+    assert t_in == [b"", b"x"]  # the reference mutates in place (docs/method.md, "Deviations from the reference implementation"); we do not
 
 
 def test_vector_10_6_unconstrained_vs_space():
@@ -246,7 +246,7 @@ def test_vector_10_9_merge_grouping():
     assert g.tolist() == [0, 1, 1, 2, 2]
     counts = np.bincount(g, weights=[0, 1, 2, 1, 1], minlength=5)
     assert counts.tolist() == [0, 3, 2, 0, 0]
-    assert int((counts > 0).sum()) == 2  # xtd divides by 2 (spec §9 item 1)
+    assert int((counts > 0).sum()) == 2  # xtd divides by 2 (docs/method.md, "Deviations from the reference implementation")
 
 
 def test_merge_groups_reference_and_edges():

@@ -1,4 +1,4 @@
-"""`xtd align` on the command line: --json shape, the table, --input, --cache, errors."""
+"""`xtd align` on the command line: --json shape, the table, --text FILE, --cache, errors."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ def _run(*args: str):
 
 
 def _lines(output: str) -> list[dict]:
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    """The per-text records of ``--json`` (one line: ``{"texts": [...]}``)."""
+    (line,) = [line for line in output.splitlines() if line.startswith("{")]
+    return json.loads(line)["texts"]
 
 
 def test_json_shape_and_content(tok_a_path):
     text = "Hello world!  ✓"
-    result = _run("--teacher-tokenizer", str(tok_a_path), "--student-tokenizer", "bytes", "--text", text, "--json")
+    result = _run("--teacher-tokenizer", str(tok_a_path), "--student-tokenizer", "bytes", text, "--json")
     assert result.exit_code == 0, result.output
     (record,) = _lines(result.stdout)
     assert set(record) == {"teacher", "student", "chunks"}
@@ -36,20 +38,20 @@ def test_json_shape_and_content(tok_a_path):
         s = record["student"][chunk["student"][0] : chunk["student"][1]]
         assert t[0]["start"] == s[0]["start"] == chunk["start"]
         assert t[-1]["end"] == s[-1]["end"] == chunk["end"]
-    # a byte student: every teacher token end is a chunk end (spec §10.2)
+    # a byte student: every teacher token end is a chunk end (docs/method.md, "Worked example")
     assert [c["end"] for c in record["chunks"]] == [t["end"] for t in record["teacher"]]
     assert record["chunks"][-1]["end"] == len(raw)
 
 
 def test_add_special_tokens_and_table(tmp_path):
     result = _run("--teacher-tokenizer", "embedded:llama3", "--student-tokenizer", "embedded:mistral-v1",
-                  "--text", "Hi there", "--json", "--add-special-tokens")
+                  "Hi there", "--json", "--add-special-tokens")
     assert result.exit_code == 0, result.output
     (record,) = _lines(result.stdout)
     assert record["teacher"][0] == {"id": 128000, "start": 0, "end": 0}
     assert record["student"][0] == {"id": 1, "start": 0, "end": 0}
     assert record["chunks"][0] == {"teacher": [0, 1], "student": [0, 1], "start": 0, "end": 0}
-    result = _run("--teacher-tokenizer", "embedded:gpt2", "--student-tokenizer", "bytes", "--text", "Hello world!")
+    result = _run("--teacher-tokenizer", "embedded:gpt2", "--student-tokenizer", "bytes", "Hello world!")
     assert result.exit_code == 0, result.output
     assert "3 chunks" in result.stdout and "world" in result.stdout
 
@@ -58,7 +60,7 @@ def test_input_jsonl(tmp_path, corpus):
     path = tmp_path / "texts.jsonl"
     path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(corpus)) + "\n")
     result = _run("--teacher-tokenizer", "embedded:gpt2", "--student-tokenizer", "embedded:mistral-v1",
-                  "--input", str(path), "--json")
+                  "--text", str(path), "--json")
     assert result.exit_code == 0, result.output
     records = _lines(result.stdout)
     assert len(records) == len(corpus)
@@ -71,15 +73,15 @@ def test_input_jsonl(tmp_path, corpus):
 @pytest.mark.parametrize(
     ("args", "phrase"),
     [
-        (["--teacher-tokenizer", "no-such-org/no-such-model", "--student-tokenizer", "bytes", "--text", "x"],
+        (["--teacher-tokenizer", "no-such-org/no-such-model", "--student-tokenizer", "bytes", "x"],
          "cannot load tokenizer 'no-such-org/no-such-model'"),
         (["--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes"], "give exactly one of"),
-        (["--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "--text", "x", "--input", "f"],
+        (["--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "x", "--text", "f"],
          "give exactly one of"),
-        (["--student-tokenizer", "bytes", "--text", "x"], "--teacher-tokenizer is required"),
-        (["--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "--input", "missing.jsonl"],
+        (["--student-tokenizer", "bytes", "x"], "--teacher-tokenizer is required"),
+        (["--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "--text", "missing.jsonl"],
          "does not exist"),
-        (["--teacher-tokenizer", "embedded:nope", "--student-tokenizer", "bytes", "--text", "x"],
+        (["--teacher-tokenizer", "embedded:nope", "--student-tokenizer", "bytes", "x"],
          "unknown embedded tokenizer"),
     ],
 )
@@ -93,14 +95,14 @@ def test_errors_are_one_line(args, phrase):
 def test_bad_jsonl_and_byte_identity(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    result = _run("--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "--input", str(path))
-    assert result.exit_code == 1 and "line 2 has no string 'text' field" in result.output
+    result = _run("--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "--text", str(path))
+    assert result.exit_code == 1 and "line 2 has no string field 'text'" in result.output
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({"Hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     (tmp_path / "ws.json").write_text(tok.to_str())
-    result = _run("--teacher-tokenizer", str(tmp_path / "ws.json"), "--student-tokenizer", "bytes", "--text", "Hello world")
+    result = _run("--teacher-tokenizer", str(tmp_path / "ws.json"), "--student-tokenizer", "bytes", "Hello world")
     assert result.exit_code == 1, result.output
     assert "first bad byte offset 5" in result.output and "ws.json" in result.output
     assert "Traceback" not in result.output

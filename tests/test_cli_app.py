@@ -28,7 +28,7 @@ def test_version_and_short_help() -> None:
     ("args", "phrase"),
     [
         (["train", "--store", "s", "--out", "o", "--max-steps", "two"], "'--max-steps'"),
-        (["train", "--out", "o"], "Missing option '--store'"),
+        (["train", "--out", "o"], "--store is required"),
         (["precompute", "--out", "o", "--bogus"], "No such option: --bogus"),
         (["no-such-verb"], "No such command 'no-such-verb'"),
         (["inspect"], "Missing argument"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -18,7 +17,6 @@ from _stores import tree_digest
 from typer.testing import CliRunner
 
 from xtd.cli import app
-from xtd.config import PrecomputeConfig
 from xtd.storage import open_store
 
 runner = CliRunner()
@@ -38,17 +36,6 @@ def _one_error_line(result, phrase: str) -> None:  # noqa: ANN001
     assert "Traceback" not in result.output
     assert phrase in " ".join(result.output.split()), result.output
     assert result.output.count("error:") == 1
-
-
-def test_cli_defaults_equal_config_defaults() -> None:
-    import typer.main
-
-    command = typer.main.get_command(app).commands["precompute"]  # type: ignore[attr-defined]
-    defaults = {p.name: p.default for p in command.params}
-    for f in dataclasses.fields(PrecomputeConfig):
-        if f.default is dataclasses.MISSING:
-            continue
-        assert defaults[f.name] == f.default, f.name
 
 
 def test_help_explains_windows_and_has_examples() -> None:

@@ -19,12 +19,10 @@ from xtd.evaluate import (
     check_shared_tokenizer,
     ensemble_bits_per_byte,
     exact_match,
-    held_out_texts,
-    read_tasks,
-    read_texts,
     score_windows,
 )
 from xtd.student import load_causal_lm
+from xtd.texts import held_out_texts, read_tasks, read_texts
 from xtd.tokenization import load_tokenizer
 
 TEXTS = [
@@ -48,14 +46,15 @@ def tok_a_bt(tiny_lm: Path):
 
 def _naive_nll(model, seq: np.ndarray, max_length: int, stride: int) -> tuple[float, int]:
     """Slow, obvious reference: score each target position with its own forward pass over
-    the context that its window gives it (window start = the k·stride that first covers it)."""
+    the context that its window gives it (each later window starts ``stride`` tokens before
+    the previous one ended)."""
     total, count = 0.0, 0
     for pos in range(1, len(seq)):
         # The window that scores `pos` is the first one whose end passes it.
-        begin, done = 0, 1
-        while min(begin + max_length, len(seq)) <= pos:
-            done = min(begin + max_length, len(seq))
-            begin = min(begin + stride, done - 1)
+        begin, end = 0, min(max_length, len(seq))
+        while end <= pos:
+            begin = end - stride
+            end = min(begin + max_length, len(seq))
         context = torch.from_numpy(seq[begin : pos + 1])[None]
         with torch.no_grad():
             logits = model(input_ids=context).logits[0, -2].double()
@@ -67,7 +66,7 @@ def _naive_nll(model, seq: np.ndarray, max_length: int, stride: int) -> tuple[fl
 def test_windows_score_each_position_once_with_enough_context():
     for length in range(0, 40):
         for max_length in (2, 3, 5, 8, 64):
-            for stride in range(1, max_length + 1):
+            for stride in range(1, max_length):
                 scored = []
                 for begin, end, first in _windows(length, max_length, stride):
                     assert end - begin <= max_length
@@ -75,7 +74,7 @@ def test_windows_score_each_position_once_with_enough_context():
                     for pos in range(first, end):
                         scored.append(pos)
                         # context of every scored position: all earlier tokens of its window
-                        assert pos - begin >= min(pos, max(max_length - stride, 1))
+                        assert pos - begin >= min(pos, stride)
                 assert scored == list(range(1, length)), (length, max_length, stride)
 
 
@@ -83,13 +82,13 @@ def test_whole_equals_windowed_with_full_context(lm_a, tok_a_bt):
     """Must show: identical bits per byte whether a text is scored whole or in windows
     that cover its full context."""
     longest = max(len(s) for s in _prepare(tok_a_bt, TEXTS).seqs)
-    whole = bits_per_byte(lm_a, tok_a_bt, TEXTS, max_length=4096, stride=4096)
+    whole = bits_per_byte(lm_a, tok_a_bt, TEXTS, max_length=4096, stride=1)
     for max_length, stride in ((longest, 1), (longest, longest // 2), (longest + 5, 3)):
         windowed = bits_per_byte(lm_a, tok_a_bt, TEXTS, max_length=max_length, stride=stride)
         assert windowed.num_tokens == whole.num_tokens
         assert windowed.bits_per_byte == pytest.approx(whole.bits_per_byte, rel=1e-6, abs=1e-9)
     # Batching pads windows to a common length; the result must not move.
-    batched = bits_per_byte(lm_a, tok_a_bt, TEXTS, max_length=4096, stride=4096, batch_size=4)
+    batched = bits_per_byte(lm_a, tok_a_bt, TEXTS, max_length=4096, stride=1, batch_size=4)
     assert batched.bits_per_byte == pytest.approx(whole.bits_per_byte, rel=1e-6)
 
 
@@ -108,7 +107,7 @@ def test_score_windows_matches_naive_reference(lm_a, tok_a_bt, seed: int):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(0, tok_a_bt.vocab_size, size=int(n)) for n in rng.integers(0, 30, size=3)]
     max_length = int(rng.integers(2, 12))
-    stride = int(rng.integers(1, max_length + 1))
+    stride = int(rng.integers(1, max_length))
     batch_size = int(rng.integers(1, 5))
     got = score_windows([lm_a], seqs, max_length=max_length, stride=stride, batch_size=batch_size)["single"]
     want_nll, want_count = 0.0, 0
@@ -142,16 +141,16 @@ def test_progress_reports_every_scored_token(lm_a, tok_a_bt):
 
 
 def test_single_token_and_empty(lm_a, tok_a_bt):
-    one = bits_per_byte(lm_a, tok_a_bt, ["a"], max_length=8, stride=8)
+    one = bits_per_byte(lm_a, tok_a_bt, ["a"], max_length=8, stride=4)
     assert (one.num_tokens, one.num_bytes) == (1, 1)
     with pytest.raises(DataError, match="no text to score"):
-        bits_per_byte(lm_a, tok_a_bt, ["", ""], max_length=8, stride=8)
+        bits_per_byte(lm_a, tok_a_bt, ["", ""], max_length=8, stride=4)
 
 
 def test_tokenizer_larger_than_embeddings_is_refused(lm_a, tok_b_path):
     tok_b = load_tokenizer(str(tok_b_path))
     with pytest.raises(TokenizerMismatchError, match="embedding rows"):
-        bits_per_byte(lm_a, tok_b, TEXTS, max_length=8, stride=8)
+        bits_per_byte(lm_a, tok_b, TEXTS, max_length=8, stride=4)
 
 
 def test_bad_window_settings(lm_a, tok_a_bt):
@@ -183,15 +182,15 @@ def test_ensemble_matches_naive_reference(tok_a, tok_a_bt, tmp_path):
 
     members = [load(make_tiny_llama(tok_a, tmp_path / f"m{i}", seed=10 + i)) for i in range(3)]
     texts = TEXTS[:2]
-    results = ensemble_bits_per_byte(members, tok_a_bt, texts, max_length=512, stride=512, batch_size=2)
+    results = ensemble_bits_per_byte(members, tok_a_bt, texts, max_length=512, stride=256, batch_size=2)
     seqs = _prepare(tok_a_bt, texts).seqs
     for result, rule in zip(results, ("p", "logp"), strict=True):
         want = sum(_naive_ensemble(members, s, rule) for s in seqs)
         assert result.nll_nats == pytest.approx(want, rel=1e-5)
         assert result.model.endswith(f"({rule})")
     # p-averaging a model with itself changes nothing
-    single = bits_per_byte(members[0], tok_a_bt, texts, max_length=512, stride=512)
-    same = ensemble_bits_per_byte([members[0], members[0]], tok_a_bt, texts, max_length=512, stride=512)
+    single = bits_per_byte(members[0], tok_a_bt, texts, max_length=512, stride=256)
+    same = ensemble_bits_per_byte([members[0], members[0]], tok_a_bt, texts, max_length=512, stride=256)
     for r in same:
         assert r.bits_per_byte == pytest.approx(single.bits_per_byte, rel=1e-6)
 

@@ -73,23 +73,27 @@ def test_diagnostics_groups_are_the_groups_the_alm_loss_compares(
     from diagnostics import group_values, summarise_groups
 
     from xtd.assets import iter_embedded_corpus
-    from xtd.batching import DataSpec, StepDataset, StepPlan, alm_targets
-    from xtd.losses import alm_loss, student_path
+    from xtd.config import ALMSettings, DataSettings
+    from xtd.data_plan import StepPlan
+    from xtd.losses import ALMTargets, alm_loss, student_path
+    from xtd.losses.registry import loss_specs
     from xtd.objective import student_forward
     from xtd.student import load_causal_lm, model_tokenizer
     from xtd.tokenization import BOUNDARY_CLASSES
+    from xtd.train_data import StepDataset, TrainData
 
     texts = [r["text"][:300] for _, r in zip(range(6), iter_embedded_corpus(), strict=False)]
     store = make_tiny_store(tmp_path, tiny_lm, texts, top_k=0)
     model, tok = load_causal_lm(str(tiny_lm_b)), model_tokenizer(str(tiny_lm_b))
-    spec = DataSpec(stores=(str(store),), student_tokenizer=tok, plan=StepPlan((6,), 6), micro_batch_size=3,
-                    max_student_length=128, max_teacher_length=None, boundary_classes=BOUNDARY_CLASSES, losses=("alm",))
+    spec = TrainData(stores=(str(store),), student_tokenizer=tok, plan=StepPlan((6,), 6), micro_batch_size=3,
+                     data=DataSettings(batch_size=6, max_student_length=128, long_documents="truncate"),
+                     alm=ALMSettings(boundary_classes=BOUNDARY_CLASSES), losses=loss_specs(("alm",)))
     mask = torch.as_tensor(tok.boundary_mask(BOUNDARY_CLASSES))
     parts = []
     for batch in StepDataset(spec)[0]["micro_batches"]:
         with torch.no_grad():
             logprob, sigma = student_path(student_forward(model, batch)[0], batch["input_ids"], mask)
-        targets = alm_targets(batch)
+        targets = ALMTargets.from_batch(batch)
         part = group_values(logprob, sigma, targets)
         parts.append(part)
         for debias, key in ((True, "mean_abs_gap_debiased"), (False, "mean_abs_gap")):

@@ -415,7 +415,7 @@ def _train_cases() -> dict[str, Callable[[Env, Path], Run]]:
 
 def _align_cases() -> dict[str, Callable[[Env, Path], Run]]:
     def text_args(path: Path) -> list[str]:
-        return ["align", "--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "--input", str(path)]
+        return ["align", "--teacher-tokenizer", "bytes", "--student-tokenizer", "bytes", "--text", str(path)]
 
     return {
         **{f"cache-{k}": v for k, v in _store_cases("align").items()},

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from xtd.config import HypernetConfig, SamplerConfig
 from xtd.errors import ConfigError, ModelLoadError, TokenizerError, TokenizerMismatchError
 from xtd.fvt import embedding_table, fvt_init, fvt_matrix
-from xtd.hypernet.config import HypernetConfig, SamplerConfig
 from xtd.hypernet.decomposition import Decomposer, decompose
 from xtd.hypernet.model import Hypernet, build_hypernet, load_hypernet, save_hypernet
 from xtd.hypernet.sampler import TokenizerSampler

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xtd.config import SamplerConfig
 from xtd.embedded_tokenizers import bytes_to_unicode
 from xtd.errors import ConfigError, TokenizerError
-from xtd.hypernet.config import SamplerConfig
 from xtd.hypernet.sampler import TokenizerSampler, pretokenize
 from xtd.tokenization import load_tokenizer
 

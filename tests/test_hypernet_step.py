@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from xtd.config import HypernetConfig, SamplerConfig
 from xtd.errors import ConfigError
-from xtd.hypernet.config import HypernetConfig, SamplerConfig
 from xtd.hypernet.decomposition import Decomposer, decompose
 from xtd.hypernet.model import build_hypernet
 from xtd.hypernet.sampler import TokenizerSampler

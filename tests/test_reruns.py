@@ -21,7 +21,8 @@ from xtd.cli import app
 
 runner = CliRunner()
 
-TRAIN = ["--lora-rank", "0", "--max-steps", "2", "--warmup-steps", "0", "--batch-size", "2", "--max-student-length", "32"]
+TRAIN = ["--lora-rank", "0", "--max-steps", "2", "--warmup-steps", "0", "--batch-size", "2", "--max-student-length", "32",
+         "--json"]
 
 
 def _invoke(args: list[str]) -> str:

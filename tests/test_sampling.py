@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from xtd.cli import app
 from xtd.errors import ConfigError
-from xtd.sampling import read_prompts, sample_texts, write_samples
+from xtd.sampling import sample_texts, write_samples
+from xtd.texts import read_prompts
 
 runner = CliRunner()
 

@@ -258,7 +258,7 @@ def test_round_trip_codecs_hidden_and_chat(tmp_path, codec):
 
 
 def test_boundary_class_columns_match_tokenization():
-    # storage keeps its own copy so that it imports nothing above it (DESIGN.md §2).
+    # storage keeps its own copy so that it imports nothing above it (README, Architecture).
     from xtd.tokenization import BOUNDARY_CLASSES as TOKENIZATION_CLASSES
 
     assert BOUNDARY_CLASSES == TOKENIZATION_CLASSES
@@ -290,9 +290,7 @@ def test_reading_without_topk_and_hidden(tmp_path):
     assert window.hidden is None and window.text == full.text
 
 
-def test_read_window_and_torch_datasets(tmp_path):
-    import torch.utils.data
-
+def test_read_window_and_streaming(tmp_path):
     docs = make_docs(5)
     write_store(tmp_path / "s", docs)
     reader = open_store(tmp_path / "s", cache_shards=1)
@@ -302,16 +300,9 @@ def test_read_window_and_torch_datasets(tmp_path):
     assert window.text == docs[4].text
     assert reader.read_window(4, 85, 500).num_tokens == 5
     np.testing.assert_array_equal(reader.doc_num_tokens(), [d.num_tokens for d in docs])
-    dataset = reader.torch_dataset()
-    assert len(dataset) == len(docs)
-    assert_same_doc(dataset[7], docs[7])
-    stream = reader.torch_iterable(rank=1, world_size=2)
-    got = [d.doc_index for d in stream]
-    assert got == [d.doc_index for d in docs[len(docs) // 2 :]]
-    loader = torch.utils.data.DataLoader(
-        reader.torch_iterable(), batch_size=None, num_workers=2, collate_fn=lambda x: x
-    )
-    assert sorted(d.doc_index for d in loader) == [d.doc_index for d in docs]
+    assert_same_doc(reader[7], docs[7])
+    assert [d.doc_index for d in reader.iter_documents(range(2, 5))] == [d.doc_index for d in docs[2:5]]
+    assert [d.doc_index for d in reader] == [d.doc_index for d in docs]
     assert len(reader._cache) <= reader._cache_limit()  # bounded memory while streaming
     with pytest.raises(IndexError, match="out of range"):
         reader[len(docs)]

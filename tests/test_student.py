@@ -18,7 +18,7 @@ from xtd.tokenization import load_tokenizer
 
 
 def _naive_fvt(old_tok, new_tok, old: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[str, int]]:
-    """Slow, obvious spec/ALM.md §7.1: one new token at a time, linear scans of the old vocab.
+    """Slow, obvious docs/method.md, "FVT initialisation": one new token at a time, linear scans of the old vocab.
 
     Returns the expected row of every non-random new token and the per-rule counts.
     """

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from xtd.errors import ConfigError, ModelLoadError
-from xtd.scoring import TeacherInput, plan_batches, plan_windows, score_documents, score_texts
+from xtd.packing import pack_longest_first, plan_windows
+from xtd.scoring import TeacherInput, score_documents, score_texts
 from xtd.teacher import TeacherSource, load_teacher, weights_digest
 from xtd.tokenization import load_tokenizer
 
@@ -112,12 +113,12 @@ def test_batches_respect_budget_and_cover_all(seed: int) -> None:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 50, size=int(rng.integers(0, 60))).tolist()
     budget = int(rng.integers(1, 300))
-    batches = plan_batches(lengths, budget)
+    batches = pack_longest_first(lengths, max_tokens=budget)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         width = max(lengths[i] for i in b)
         assert width * len(b) <= budget or len(b) == 1
-    assert batches == plan_batches(lengths, budget)
+    assert batches == pack_longest_first(lengths, max_tokens=budget)
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True)
 

@@ -1,4 +1,4 @@
-"""Byte view of tokenizers (spec/ALM.md §2): exact spans on adversarial text for real
+"""Byte view of tokenizers (docs/method.md, "Byte view of a tokenizer"): exact spans on adversarial text for real
 tokenizers, byte views per pipeline type, normaliser checks, the `bytes` tokenizer, and
 clear errors for bad input."""
 
@@ -26,7 +26,7 @@ def _slow_spans(tok: ByteTokenizer, enc: Encoding, text: str) -> list[tuple[int,
     """Reference: walk the tokens one by one, consuming their byte views from the text."""
     raw = text.encode("utf-8")
     total = sum(len(tok.token_bytes[i]) for i in enc.ids.tolist())
-    dummy = tok.kind == "sentencepiece" and total == len(raw) + 1  # dummy prefix (spec §3.3)
+    dummy = tok.kind == "sentencepiece" and total == len(raw) + 1  # dummy prefix (docs/method.md, "Chunks")
     pos, out = 0, []
     for i in enc.ids.tolist():
         view = tok.token_bytes[i]
@@ -152,7 +152,7 @@ def test_tokenizer_from_json_roundtrip(corpus):
 
 def test_special_token_text_is_plain_text_and_add_special_tokens():
     gpt2 = load_tokenizer("embedded:gpt2")
-    enc = gpt2.encode("a<|endoftext|>b")  # text never contains slots (spec §2.3)
+    enc = gpt2.encode("a<|endoftext|>b")  # text never contains slots (docs/method.md, "Byte view of a tokenizer")
     assert gpt2.eos_id not in enc.ids.tolist() and enc.spans[-1, 1] == 15
     llama = load_tokenizer("embedded:llama3")
     enc = llama.encode("Hi", add_special_tokens=True)
@@ -173,7 +173,7 @@ def test_edge_texts():
 
     sp = spm.SentencePieceProcessor(model_file=str(mistral_sentencepiece_path("v1")))
     # equals the sentencepiece library itself (except runs of spaces before a word, where
-    # HF-style BPE and sentencepiece legitimately differ, see ASSETS.md)
+    # HF-style BPE and sentencepiece legitimately differ)
     for text in ["Hello world!", "  leading", " ", "\n", "tabs\tand\n\nnew", "CJK: 你好", "👍🏽 ok", "a"]:
         assert mistral.encode(text).ids.tolist() == sp.encode(text)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xtd.checkpoint import truncate_metrics
+from xtd.checkpoint import RunCounters, truncate_metrics
 from xtd.config import TrainConfig
 from xtd.errors import ConfigError
 from xtd.train import (
@@ -109,14 +109,14 @@ def test_checkpoint_is_atomic_and_latest_wins(tmp_path: Path) -> None:
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     cfg = TrainConfig(store=("s",), out=str(tmp_path))
-    save_checkpoint(tmp_path, 2, model, opt, cfg, {"tokens": 5})
+    save_checkpoint(tmp_path, 2, model, opt, cfg, RunCounters(tokens=5))
     (tmp_path / "checkpoints" / ".tmp-step-00000004-1").mkdir()  # a writer killed mid-way
-    save_checkpoint(tmp_path, 3, model, opt, cfg, {"tokens": 9})
+    save_checkpoint(tmp_path, 3, model, opt, cfg, RunCounters(tokens=9))
     latest = latest_checkpoint(tmp_path)
     assert latest is not None and latest.name == "step-00000003"
     assert {p.name for p in latest.iterdir()} == {"trainable.pt", "optimizer.pt", "state.pt", "config.json"}
     state = torch.load(latest / "state.pt", weights_only=True)  # tensors and numbers only
-    assert state["step"] == 3 and state["data_position"] == 3 and state["counters"] == {"tokens": 9}
+    assert state["step"] == 3 and state["data_position"] == 3 and state["counters"] == {"tokens": 9, "documents": 0, "elapsed_s": 0.0}
     assert json.loads((latest / "config.json").read_text())["out"] == str(tmp_path)
     weights = torch.load(latest / "trainable.pt")
     assert torch.equal(weights["weight"], model.weight.detach())
@@ -139,7 +139,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path: Path) -> N
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     cfg = TrainConfig(store=("s",), out=str(tmp_path))
-    ckpt = save_checkpoint(tmp_path, 2, model, opt, cfg, {"tokens": 5})
+    ckpt = save_checkpoint(tmp_path, 2, model, opt, cfg, RunCounters(tokens=5))
     assert load_checkpoint(ckpt, cfg).step == 2  # an xtd checkpoint loads with weights_only=True
     marker = tmp_path / "PWNED"
     torch.save({"step": 2, "counters": {}, "rng": _Payload(marker)}, ckpt / "state.pt")
@@ -234,7 +234,14 @@ def test_training_lowers_the_alm_loss(tiny_store: Path, tiny_lm_b: Path, tmp_pat
 _SLOW_CLI = """
 import sys, time
 import xtd.train
-xtd.train._after_step = lambda step: time.sleep(0.25)  # slow each step so the test can kill mid-run
+_train = xtd.train.train
+def _slow_train(config, *, progress=None):  # slow each step (through the progress callback) to kill mid-run
+    def slowly(record):
+        time.sleep(0.25)
+        if progress is not None:
+            progress(record)
+    return _train(config, progress=slowly)
+xtd.train.train = _slow_train
 from xtd.cli import main
 sys.argv = ["xtd", *sys.argv[1:]]
 main()
@@ -407,7 +414,7 @@ def test_every_loss_trains_a_few_steps(
         weights = TrainConfig(store=("s",), out="o", losses=losses, **{k: v for k, v in extra.items() if k == "loss_weights"})
         assert record["loss"] == pytest.approx(sum(w * record[n] for n, w in weights.loss_weight_map().items()))
         if len(names) > 1 and extra.get("gradmag", True):
-            assert sum(record[f"gradmag_{n}"] for n in names) == pytest.approx(1.0)  # spec §4.5: Σ w_i / W = 1
+            assert sum(record[f"gradmag_{n}"] for n in names) == pytest.approx(1.0)  # docs/method.md, "GradMag": Σ w_i / W = 1
     if same_tokenizer:
         # The student *is* the teacher here: KD at step 1 is ≈ 0 (q8 top-k rounding aside)
         # only if the teacher rows line up with the student's tokens row for row.

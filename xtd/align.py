@@ -1,13 +1,13 @@
-"""Chunking of two tokenizations of the same text by byte offsets (spec/ALM.md §3).
+"""Chunking of two tokenizations of the same text by byte offsets (docs/method.md, "Chunks").
 
 A *chunk* is a minimal span whose two ends are token ends on both sides: the chunk ends
 are the intersection of the teacher's and the student's token-end byte offsets
-(spec §3.1). Special tokens / chat-template slots are atomic units with empty byte
+(docs/method.md, "Chunks"). Special tokens / chat-template slots are atomic units with empty byte
 views: matching units at the same byte position on both sides form a *slot chunk*;
 one-sided units belong to no chunk. Chunks stop at the first exhausted side
-(truncation, spec §3.4).
+(truncation, docs/method.md, "Chunks").
 
-The result is index arrays (spec §3.5), never dense [B, L, L] matrices: a chunk id per
+The result is index arrays (docs/method.md, "Chunks"), never dense [B, L, L] matrices: a chunk id per
 token (-1 = in no chunk) and the byte range of every chunk. Everything is vectorised
 with numpy; :func:`align_many` concatenates a whole batch (per-document byte offsets
 keep documents apart) and intersects the end offsets once.
@@ -43,7 +43,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Alignment:
-    """Chunks of one document (spec §3.5).
+    """Chunks of one document (docs/method.md, "Chunks").
 
     Attributes:
         teacher_chunk: (T,) int32 chunk id per teacher token, -1 = in no chunk.
@@ -101,7 +101,7 @@ def repair_leading_space(
     teacher_slot: Sequence[bool] | None = None,
     student_slot: Sequence[bool] | None = None,
 ) -> tuple[list[bytes], list[bytes]]:
-    """Leading-space repair of spec §3.3, as a pure function on byte views.
+    """Leading-space repair of docs/method.md, "Chunks", as a pure function on byte views.
 
     After the leading slot units, count the consecutive leading space bytes across the
     first text tokens of each side and prepend the missing spaces to the first text
@@ -137,7 +137,7 @@ def align(
     teacher_special: np.ndarray | None = None,
     student_special: np.ndarray | None = None,
 ) -> Alignment:
-    """Chunks of one document (spec §3.1); see :func:`align_many`."""
+    """Chunks of one document (docs/method.md, "Chunks"); see :func:`align_many`."""
     return align_many([(teacher_spans, student_spans, teacher_special, student_special)])[0]
 
 
@@ -153,7 +153,7 @@ def align_many(pairs: Sequence[Sequence[Any]]) -> list[Alignment]:
             truncation). ``*_special`` is None (no specials), a (T,) bool mask of atomic
             special tokens (paired in order at equal byte positions), or a (T,) int array
             of slot ids (-1 = text; consecutive tokens with the same slot id form one unit;
-            units pair by slot id at equal byte positions, spec §2.3; ids ≤ -2 mark
+            units pair by slot id at equal byte positions, docs/method.md, "Byte view of a tokenizer"; ids ≤ -2 mark
             padding, which belongs to no chunk).
 
     Returns:
@@ -161,7 +161,7 @@ def align_many(pairs: Sequence[Sequence[Any]]) -> list[Alignment]:
 
     Raises:
         ByteIdentityError: spans that do not tile, sides that start at different
-            offsets, or different slots at the same position (spec §3.1 step 3).
+            offsets, or different slots at the same position (docs/method.md, "Chunks").
     """
     if not len(pairs):
         return []
@@ -235,7 +235,7 @@ def _align_sides(t: _Side, s: _Side, num_docs: int) -> list[Alignment]:
         d = int(bad[0])
         raise ByteIdentityError(
             f"document {d}: the teacher's tokens start at byte {int(t_start[d])} but the student's at "
-            f"{int(s_start[d])}; both tokenizations must cover the same text (spec §3.3 leading-space repair)"
+            f"{int(s_start[d])}; both tokenizations must cover the same text (docs/method.md, 'Chunks': leading-space repair)"
         )
     doc_start = np.where(t.counts > 0, t_start, s_start)
     # Disjoint global byte keys: byte b of document d is key base[d] + b - doc_start[d].
@@ -249,7 +249,7 @@ def _align_sides(t: _Side, s: _Side, num_docs: int) -> list[Alignment]:
     t_end_key = np.add(t.ends, t_shift, dtype=np.int64)
     s_end_key = np.add(s.ends, s_shift, dtype=np.int64)
 
-    # Text chunks (spec §3.1): chunk ends = teacher token ends ∩ student token ends,
+    # Text chunks (docs/method.md, "Chunks"): chunk ends = teacher token ends ∩ student token ends,
     # strictly after the document start. One bitmap per side over the batch's bytes
     # answers "does the other side end here?" for every token in O(1); a non-empty text
     # token whose end the other side shares *closes* a chunk (exactly one per common end,
@@ -362,7 +362,7 @@ def _closer_counts(side: _Side, closer: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _check_tiling(side: _Side, name: str) -> None:
-    """Text spans contiguous, specials empty and in place (spec §2.1 invariant).
+    """Text spans contiguous, specials empty and in place (docs/method.md, "Byte view of a tokenizer" invariant).
 
     Sets ``side.has_empty`` (some token has an empty span). The common case costs two
     passes: the minimum token length, and the token boundaries that do not continue
@@ -426,7 +426,7 @@ def _units(side: _Side, start_key: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def _match_slots(
     t: _Side, s: _Side, t_start_key: np.ndarray, s_start_key: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pair slot units at equal positions (spec §3.1 steps 2–3).
+    """Pair slot units at equal positions (docs/method.md, "Chunks").
 
     Returns:
         slot_pos (P,) int64 position key of each slot chunk, slot_sub (P,) int64 order
@@ -439,7 +439,7 @@ def _match_slots(
     s_slot_chunk = np.full(s.starts.size, -1, dtype=np.int64)
     positions, subs = [], []
     shared = np.intersect1d(t_pos, s_pos)
-    # Truncation (spec §3.4): a slot beyond either side's last byte can never pair; the
+    # Truncation (docs/method.md, "Chunks"): a slot beyond either side's last byte can never pair; the
     # position test below already guarantees that, as both sides must have a unit there.
     for p in shared.tolist():
         tu = np.flatnonzero(t_pos == p)
@@ -456,7 +456,7 @@ def _match_slots(
             raise ByteIdentityError(
                 f"document {d}: different chat-template slots at the same byte position "
                 f"(teacher {t.slot[t_start[tu]].tolist()}, student {s.slot[s_start[su]].tolist()}); "
-                "render both sides from the same segment list (spec §3.1 step 3)"
+                "render both sides from the same segment list (docs/method.md, 'Chunks')"
             )
         for k in range(n):
             idx = len(positions)
@@ -512,7 +512,7 @@ def _assign(
 
 
 def merge_groups(keep: np.ndarray) -> np.ndarray:
-    """Group ids of boundary-merged chunks (spec §4.2 step 5).
+    """Group ids of boundary-merged chunks (docs/method.md, "Merging").
 
     ``g(c) = #{c' < c : keep[c']}``: each group is a run of chunks closed by its first
     kept chunk; the chunks after the last kept chunk form a final group.
@@ -533,7 +533,7 @@ def merge_groups(keep: np.ndarray) -> np.ndarray:
 
 
 def space_chunks(alignment: Alignment, teacher_space: np.ndarray, student_space: np.ndarray) -> Alignment:
-    """The ``space`` chunk kind of spec §3.2: greedy chunks merged forward.
+    """The ``space`` chunk kind of docs/method.md, "Merging": greedy chunks merged forward.
 
     A chunk closes its group when it is a slot chunk, when the next chunk is a slot
     chunk (slots stay atomic), when the first token of the next chunk starts with a

@@ -14,7 +14,7 @@ by step) holding
   by the seeded student load;
 * ``optimizer.pt``: the AdamW state;
 * ``state.pt``: the step (which is also the data position: the data order is a pure
-  function of it, see :mod:`xtd.batching`), the Python/NumPy/torch(/CUDA) RNG states as
+  function of it, see :mod:`xtd.data_plan`), the Python/NumPy/torch(/CUDA) RNG states as
   tensors and numbers, and the run's counters;
 * ``config.json``: the :class:`~xtd.config.TrainConfig`, checked on ``--resume``.
 
@@ -26,6 +26,7 @@ half checkpoint that :func:`latest_checkpoint` would pick.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "RunCounters",
+    "saved_config",
     "METRICS_FILE",
     "RESUMABLE_CHANGES",
     "trainable_parameters",
@@ -87,6 +91,18 @@ RESUMABLE_CHANGES = frozenset(
 _STAGING_PREFIX = ".tmp-"  # temporary names inside a run folder, removed by the next run
 
 RunPlan = Literal["fresh", "resume", "done"]
+
+
+@dataclass
+class RunCounters:
+    """What a run has done so far (kept in checkpoints, so a resumed run continues them)."""
+
+    tokens: int = 0
+    """Student tokens trained on, all ranks."""
+    documents: int = 0
+    """Texts trained on, all ranks."""
+    elapsed_s: float = 0.0
+    """Seconds spent in optimizer steps."""
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -146,7 +162,8 @@ def _save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, root: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, counters: dict[str, Any]
+    out: Path, step: int, root: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+    counters: RunCounters,
 ) -> Path:
     """Write ``out/checkpoints/step-NNNNNNNN`` atomically (temp folder → rename).
 
@@ -167,7 +184,10 @@ def save_checkpoint(
         try:
             _save({k: v.detach().cpu() for k, v in trainable_parameters(root).items()}, tmp / "trainable.pt")
             _save(optimizer.state_dict(), tmp / "optimizer.pt")
-            state = {"step": step, "scheduler": {"step": step}, "data_position": step, "rng": rng_state(), "counters": counters}
+            state = {
+                "step": step, "scheduler": {"step": step}, "data_position": step, "rng": rng_state(),
+                "counters": asdict(counters),
+            }  # fmt: skip
             _save(state, tmp / "state.pt")
             (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
             if final.exists():
@@ -198,8 +218,9 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings in canonical form: a relative and an absolute path to one store are equal."""
-    out = dict(settings)
+    """Settings by flag key (nested sections flattened; the flat form of older run folders
+    reads the same), in canonical form: a relative and an absolute path to one store are equal."""
+    out = TrainConfig.flat_values(settings)
     stores = out.get("store")
     if isinstance(stores, list | tuple):
         out["store"] = [canonical_location(str(s)) for s in stores]
@@ -216,7 +237,8 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, where: Path)
     """
     changed = _changed(saved, config)
     if changed:
-        details = ", ".join(f"{flag(k)} {saved.get(k)!r} → {config.to_dict()[k]!r}" for k in changed)
+        old, now = TrainConfig.flat_values(saved), config.flat_dict()
+        details = ", ".join(f"{flag(k)} {old.get(k)!r} → {now[k]!r}" for k in changed)
         raise ConfigError(
             f"cannot --resume from {str(where)!r}: {details} changed; use the original settings, "
             f"or {flag('overwrite')} to start afresh"
@@ -224,7 +246,7 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, where: Path)
 
 
 def _changed(saved: dict[str, Any], config: TrainConfig, ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
-    now, old = _comparable(config.to_dict()), _comparable(saved)
+    now, old = _comparable(config.flat_dict()), _comparable(saved)
     return sorted(k for k in now if k not in ignore and old.get(k) != now[k])
 
 
@@ -250,7 +272,7 @@ class LoadedCheckpoint:
 
     path: Path
     step: int
-    counters: dict[str, Any]
+    counters: RunCounters
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     rng: dict[str, Any]
@@ -279,7 +301,8 @@ def load_checkpoint(checkpoint: Path, config: TrainConfig) -> LoadedCheckpoint:
     optimizer = _load(checkpoint / "optimizer.pt")
     try:
         return LoadedCheckpoint(
-            checkpoint, int(state["step"]), dict(state["counters"]), dict(trainable), dict(optimizer), dict(state["rng"])
+            checkpoint, int(state["step"]), RunCounters(**state["counters"]), dict(trainable), dict(optimizer),
+            dict(state["rng"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
@@ -376,7 +399,29 @@ def prepare_run_folder(out: Path, config: TrainConfig) -> None:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        # the run's settings, as `--config FILE` replays them (how it was started is no setting)
+        settings = dataclasses.replace(config, resume=False, overwrite=False)
+        (out / CONFIG_FILE).write_text(json.dumps(settings.to_dict(), indent=2))
+
+
+def saved_config(out: Path) -> dict[str, Any]:
+    """The settings a run folder was started with (``train_config.json``), for ``--resume``.
+
+    Raises:
+        ConfigError: no run folder at ``out``, or its settings file is missing or unreadable.
+    """
+    if read_run_marker(out) is None:
+        raise ConfigError(
+            f"{flag('resume')}: {str(out)!r} is no xtd train run folder; give the --out of an earlier run"
+        )
+    path = out / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{flag('resume')}: cannot read the saved settings {str(path)!r} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag('resume')}: {str(path)!r} does not hold a settings object")
+    return data
 
 
 def finish_run_folder(out: Path, steps: int, tokens: int) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from xtd.assets import iter_embedded_corpus
 from xtd.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,6 @@ class DataSource:
 
     def _iter_all(self) -> Iterator[Record]:
         if self.kind == "embedded":
-            from xtd.assets import iter_embedded_corpus
 
             for i, rec in enumerate(iter_embedded_corpus()):
                 yield Record(i, text=rec["text"])

@@ -1,6 +1,6 @@
 """Tokenizers that xtd builds itself, from files that install offline with packages.
 
-* ``bytes``: ids 0..255 are the bytes in order, then special tokens (spec §7.2);
+* ``bytes``: ids 0..255 are the bytes in order, then special tokens (docs/method.md, "Byte students");
 * ``embedded:gpt2`` (GPT-2 vocab and merges), ``embedded:llama3`` / ``embedded:qwen3``
   (byte-level BPE recovered from quicktok's tiktoken ranks), ``embedded:mistral-v1``
   (the SentencePiece model as a byte-fallback BPE), ``embedded:smollm2`` (the packaged
@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from xtd import assets
+from xtd.assets import cache_dir, quicktok_paths
 from xtd.errors import TokenizerError
 
 __all__ = ["EMBEDDED_TOKENIZERS", "bytes_to_unicode", "bytes_hf", "embedded_hf", "wrap_backend"]
@@ -61,7 +63,7 @@ def wrap_backend(backend: Any, **special: str | None) -> Any:
 
 
 def bytes_hf(specials_of: Any | None = None) -> Any:
-    """The built-in byte tokenizer: ids 0..255 = bytes, then specials (spec §7.2, §9 item 7).
+    """The built-in byte tokenizer: ids 0..255 = bytes, then specials (docs/method.md, "Byte students", "Deviations from the reference implementation").
 
     Args:
         specials_of: a :class:`~xtd.tokenization.ByteTokenizer` whose special tokens (and
@@ -92,7 +94,6 @@ def bytes_hf(specials_of: Any | None = None) -> Any:
 
 def embedded_hf(name: str) -> Any:
     """The transformers tokenizer of ``embedded:<name>``, built from packaged files."""
-    from xtd import assets
 
     if name == "smollm2":
         from transformers import AutoTokenizer
@@ -118,7 +119,6 @@ def _cached_json(key: str, build: Any) -> Any:
     """Build a tokenizers.Tokenizer once and keep its JSON under the xtd cache dir."""
     from tokenizers import Tokenizer
 
-    from xtd.assets import cache_dir
 
     path = cache_dir() / "tokenizers" / f"{key}.json"
     if path.is_file():
@@ -133,7 +133,6 @@ def _cached_json(key: str, build: Any) -> Any:
 
 
 def _read_quicktok(name: str) -> tuple[dict[bytes, int], dict[str, int]]:
-    from xtd.assets import quicktok_paths
 
     vocab_path, special_path = quicktok_paths(name)
     data = vocab_path.read_bytes()
@@ -207,7 +206,7 @@ def _quicktok_hf(name: str) -> Any:
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, specials[bos])]
             )
         # Qwen's published tokenizer also has an NFC normaliser; it is left out on purpose,
-        # since spec §2.2 would refuse it (NFC rewrites bytes of non-NFC text).
+        # since docs/method.md, "Byte view of a tokenizer" would refuse it (NFC rewrites bytes of non-NFC text).
         return backend
 
     backend = _cached_json(f"quicktok-{name}-v2", build)
@@ -242,7 +241,7 @@ def _sentencepiece_hf(model_path: Path, *, expected_size: int) -> Any:
         backend = Tokenizer(
             models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True)
         )
-        # SentencePiece's dummy prefix (spec §3.3): prepend ▁, spaces become ▁.
+        # SentencePiece's dummy prefix (docs/method.md, "Chunks"): prepend ▁, spaces become ▁.
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         backend.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]

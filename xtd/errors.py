@@ -67,7 +67,7 @@ class TokenizerMismatchError(TokenizerError):
 
 
 class ByteIdentityError(TokenizerError):
-    """Token byte views that do not reproduce the text's bytes exactly (spec/ALM.md §2)."""
+    """Token byte views that do not reproduce the text's bytes exactly (docs/method.md, "Byte view of a tokenizer")."""
 
 
 class ModelLoadError(XtdError, OSError):

@@ -5,7 +5,7 @@ every N optimizer steps (and after the last) with :func:`xtd.evaluate.bits_per_b
 the same code path as ``xtd eval --text FILE``, and adds ``eval_<NAME>_bits_per_byte``
 to that step's metrics record. Windows are at most ``--eval-max-length`` student tokens
 (default: ``--max-student-length``), so no scored token sits at a position the student
-never trained at; they advance by half their length.
+never trained at; each later window carries the larger half of the previous one over as context.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+
+import torch
 
 from xtd.config import flag, parse_eval_text
 from xtd.errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
+from xtd.evaluate import bits_per_byte
+from xtd.texts import read_texts
+from xtd.tokenization import ByteTokenizer
 
 __all__ = ["EvalSet", "parse_eval_text", "load_eval_sets", "score_eval_sets", "TrainEvaluator", "metric_key"]
 
@@ -44,10 +45,8 @@ def load_eval_sets(specs: Sequence[str]) -> list[EvalSet]:
 
     Raises:
         ConfigError: two sets share a name.
-        DataError: a missing, empty or malformed file (:func:`xtd.evaluate.read_texts`).
+        DataError: a missing, empty or malformed file (:func:`xtd.texts.read_texts`).
     """
-    from xtd.evaluate import read_texts
-
     sets: list[EvalSet] = []
     for spec in specs:
         name, path = parse_eval_text(spec)
@@ -59,7 +58,7 @@ def load_eval_sets(specs: Sequence[str]) -> list[EvalSet]:
 
 def score_eval_sets(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: ByteTokenizer,
     sets: Sequence[EvalSet],
     *,
     max_length: int,
@@ -67,11 +66,10 @@ def score_eval_sets(
 ) -> dict[str, float]:
     """Bits per byte of ``model`` on each set: ``{eval_<name>_bits_per_byte: value}``.
 
-    Windows of ``max_length`` tokens advancing by ``max_length // 2`` (at least 1).
+    Windows of ``max_length`` tokens, each later one carrying ``(max_length + 1) // 2``
+    tokens of context over.
     """
-    from xtd.evaluate import bits_per_byte
-
-    stride = max(1, max_length // 2)
+    stride = (max_length + 1) // 2
     return {
         metric_key(s.name): bits_per_byte(
             model, tokenizer, s.texts, max_length=max_length, stride=stride, batch_size=batch_size, name=s.name
@@ -83,22 +81,18 @@ def score_eval_sets(
 class TrainEvaluator:
     """What the training loop calls after each step: scores the sets when one is due."""
 
-    def __init__(self, sets: Sequence[EvalSet], tokenizer: Any, *, every: int, max_steps: int, max_length: int) -> None:
+    def __init__(self, sets: Sequence[EvalSet], tokenizer: ByteTokenizer, *, every: int, max_steps: int, max_length: int) -> None:
         self.sets, self.tokenizer = list(sets), tokenizer
         self.every, self.max_steps, self.max_length = every, max_steps, max_length
 
     @classmethod
-    def from_config(cls, config: Any, tokenizer: Any) -> TrainEvaluator | None:
-        """None without ``--eval-text``; reads the files now, before any training."""
-        if not config.eval_text:
+    def from_files(
+        cls, specs: Sequence[str], tokenizer: ByteTokenizer, *, every: int, max_steps: int, max_length: int
+    ) -> TrainEvaluator | None:
+        """None without ``--eval-text`` specs; reads the files now, before any training."""
+        if not specs:
             return None
-        return cls(
-            load_eval_sets(config.eval_text),
-            tokenizer,
-            every=config.eval_every,
-            max_steps=config.max_steps,
-            max_length=config.eval_max_length or config.max_student_length,
-        )
+        return cls(load_eval_sets(specs), tokenizer, every=every, max_steps=max_steps, max_length=max_length)
 
     def due(self, step: int) -> bool:
         """Every ``every`` steps (0: only the last) and always after the last step."""

@@ -107,7 +107,7 @@ def choice_docs(
 
 def next_verse_docs(num_docs: int = _MAX_DOCS) -> list[dict[str, Any]]:
     """``xtd_next_verse``: verses of the last chapters of the embedded KJV."""
-    from xtd.evaluate import held_out_texts
+    from xtd.texts import held_out_texts
 
     chapters = [[v for v in text.splitlines() if v.strip()] for text in held_out_texts(_VERSE_CHAPTERS)]
     return choice_docs(chapters, context_lines=1, num_docs=num_docs)

@@ -11,16 +11,17 @@ Conventions, the same for every model:
   when it has no BOS) is prepended, so the first text token is scored too and every byte
   of the text counts. A tokenizer with neither cannot score its first token: that token
   and its bytes are left out of both sums (``num_bytes`` then shows it).
-* **Windows.** A sequence longer than ``max_length`` is scored in windows of
-  ``max_length`` tokens that advance by ``stride``; each window scores only tokens that
-  no earlier window scored, so every token is scored exactly once, with at least
-  ``max(max_length - stride, 1)`` tokens of context (all of it while the window still
-  starts at the beginning). With ``max_length`` at least the longest sequence, a text is
-  scored whole, in one forward pass.
-* **Ensembles** (spec/ALM.md §7.3): models that share a tokenizer run on the same ids;
+* **Windows.** A sequence longer than ``max_length`` is scored in the windows of
+  :func:`xtd.packing.plan_windows` (the teacher's in ``xtd precompute`` too): each later
+  window carries ``stride`` tokens of context over from the previous one and scores only
+  tokens no earlier window scored, so every token is scored exactly once, with at least
+  ``stride`` tokens of context (all of it while the window still starts at the beginning).
+  With ``max_length`` at least the longest sequence, a text is scored whole, in one
+  forward pass.
+* **Ensembles** (docs/method.md, "Ensembles"): models that share a tokenizer run on the same ids;
   per position ``p`` takes the log of the mean probability and ``logp`` the mean
   log-probability renormalised with a log-softmax.
-* **Held-out text** (``held_out_texts``): the *last* N documents of
+* **Held-out text** (:func:`xtd.texts.held_out_texts`): the *last* N documents of
   :func:`xtd.assets.iter_embedded_corpus` (the end of the KJV). Precompute's default
   slice takes documents from the start of that corpus and never reaches them.
 * **Exact match**: greedy generation after the prompt (BOS-prefixed the same way); the
@@ -34,11 +35,9 @@ Dimension letters: ``B`` windows in a batch, ``L`` window length, ``V`` vocabula
 
 from __future__ import annotations
 
-import collections
 import gc
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError, TokenizerMismatchError
+from xtd.packing import pack_longest_first, plan_windows
+from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
+from xtd.sampling import teacher_samples
+from xtd.student import load_causal_lm, model_tokenizer
+from xtd.texts import held_out_texts, read_tasks, read_texts
+from xtd.tokenization import load_tokenizer
 
 if TYPE_CHECKING:
     from xtd.config import EvalConfig
@@ -64,9 +68,6 @@ __all__ = [
     "bits_per_byte",
     "ensemble_bits_per_byte",
     "exact_match",
-    "read_texts",
-    "read_tasks",
-    "held_out_texts",
     "check_model_tokenizer",
     "check_shared_tokenizer",
     "score_windows",
@@ -178,64 +179,6 @@ class EvalRow:
 # --------------------------------------------------------------------------- inputs
 
 
-def read_texts(path: str | os.PathLike[str]) -> list[str]:
-    """Texts to score: a ``.jsonl`` file (field ``text`` per line) or a plain text file.
-
-    Raises:
-        DataError: missing file, invalid UTF-8, a JSON line without a string ``text``,
-            or no non-empty text at all.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"text file {str(p)!r} does not exist; pass a .txt or .jsonl file with --text")
-    if p.suffix == ".jsonl":
-        texts = []
-        for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
-            if not isinstance(record.get("text"), str):
-                raise DataError(f"{str(p)!r} line {number} has no string field 'text'")
-            texts.append(record["text"])
-    else:
-        try:
-            texts = [p.read_text(encoding="utf-8")]
-        except UnicodeDecodeError as exc:
-            raise DataError(f"text file {str(p)!r} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8") from None
-    if not any(texts):
-        raise DataError(f"text file {str(p)!r} is empty: there is no text to score")
-    return texts
-
-
-def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Prompt/answer pairs from a JSON-lines file (``{"prompt": ..., "answer": ...}``).
-
-    Raises:
-        DataError: missing or empty file, bad JSON or UTF-8, a line without string fields.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"task file {str(p)!r} does not exist; pass a JSON-lines file with --task")
-    tasks = []
-    for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
-        if not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
-            raise DataError(f"{str(p)!r} line {number} needs string fields 'prompt' and 'answer'")
-        tasks.append({"prompt": record["prompt"], "answer": record["answer"]})
-    if not tasks:
-        raise DataError(f"task file {str(p)!r} is empty: no prompt/answer pairs")
-    return tasks
-
-
-def held_out_texts(num_documents: int) -> list[str]:
-    """The last ``num_documents`` documents of the embedded corpus, in corpus order.
-
-    Precompute's default slice starts at the first document, so these stay unseen.
-    """
-    from xtd.assets import iter_embedded_corpus
-
-    if num_documents < 1:
-        raise ConfigError(f"--held-out ({num_documents}) must be at least 1")
-    tail = collections.deque(iter_embedded_corpus(), maxlen=num_documents)
-    return [record["text"] for record in tail]
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -259,7 +202,7 @@ def check_model_tokenizer(model: torch.nn.Module, tokenizer: ByteTokenizer, *, m
 
 
 def check_shared_tokenizer(members: Sequence[tuple[str, ByteTokenizer]]) -> None:
-    """Ensemble members must share one tokenizer (identical digests, spec/ALM.md §7.3).
+    """Ensemble members must share one tokenizer (identical digests, docs/method.md, "Ensembles").
 
     Raises:
         TokenizerMismatchError: listing each member's tokenizer and digest.
@@ -307,18 +250,11 @@ def _prepare(tokenizer: ByteTokenizer, texts: Sequence[str]) -> _Prepared:
 def _windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows ``(begin, end, first)`` over a sequence; targets ``[first, end)`` are scored.
 
-    Positions 1..length-1 are targets (position 0 has no context); each is scored once.
+    :func:`xtd.packing.plan_windows` with ``stride`` tokens of context; positions
+    1..length-1 are targets (position 0 has no context), each scored once.
     """
-    out: list[tuple[int, int, int]] = []
-    begin, done = 0, 1
-    while done < length:
-        end = min(begin + max_length, length)
-        out.append((begin, end, done))
-        done = end
-        # A causal LM needs one token of context: the next window starts no later than
-        # the token before its first target.
-        begin = min(begin + stride, done - 1)
-    return out
+    windows = [(begin, end, max(first, 1)) for begin, end, first in plan_windows(length, max_length, stride)]
+    return [w for w in windows if w[2] < w[1]]
 
 
 def score_windows(
@@ -350,20 +286,19 @@ def score_windows(
     """
     if max_length < 2:
         raise ConfigError(f"--max-length ({max_length}) must be at least 2")
-    if not 1 <= stride <= max_length:
-        raise ConfigError(f"--stride ({stride}) must be between 1 and --max-length ({max_length})")
+    if not 1 <= stride < max_length:
+        raise ConfigError(f"--stride ({stride}) must be at least 1 and smaller than --max-length ({max_length})")
     if batch_size < 1:
         raise ConfigError(f"--batch-size ({batch_size}) must be at least 1")
     unknown = [rule for rule in combine if rule not in ("single", *COMBINE_RULES)]
     if unknown or not combine:
         raise ConfigError(f"unknown --combine rule(s) {unknown}; use {', '.join(COMBINE_RULES)}")
     jobs = [(t, w) for t, seq in enumerate(seqs) for w in _windows(len(seq), max_length, stride)]
-    jobs.sort(key=lambda job: job[1][1] - job[1][0], reverse=True)  # less padding per batch
     device = next(models[0].parameters()).device
     totals = {rule: 0.0 for rule in combine}
     count = 0
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
+    for group in pack_longest_first([end - begin for _, (begin, end, _) in jobs], max_items=batch_size):
+        batch = [jobs[j] for j in group]
         width = max(end - begin for _, (begin, end, _) in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, L)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -403,7 +338,7 @@ def _effective_window(model: torch.nn.Module, max_length: int, stride: int) -> t
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and 2 <= limit < max_length:
         logger.warning("--max-length %d exceeds the model's %d positions; using %d", max_length, limit, limit)
-        return limit, min(stride, limit)
+        return limit, min(stride, limit - 1)
     return max_length, stride
 
 
@@ -457,7 +392,7 @@ def ensemble_bits_per_byte(
     name: str = "ensemble",
     progress: Progress | None = None,
 ) -> list[EvalResult]:
-    """Bits per byte of an ensemble of models that share ``tokenizer`` (spec/ALM.md §7.3).
+    """Bits per byte of an ensemble of models that share ``tokenizer`` (docs/method.md, "Ensembles").
 
     One result per rule in ``combine`` (``p``: log of the mean probability; ``logp``:
     renormalised mean log-probability), all from one pass over the members.
@@ -565,23 +500,16 @@ def exact_match(
 # --------------------------------------------------------------------------- driver
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def _load(spec: str, tokenizer_spec: str | None, config: EvalConfig) -> tuple[Any, ByteTokenizer]:
-    from xtd.student import load_causal_lm, model_tokenizer
-    from xtd.tokenization import load_tokenizer
 
-    model = load_causal_lm(spec, dtype=config.dtype)
+    device = resolve_device(config.device)
+    model = load_causal_lm(spec, dtype=torch_dtype(resolve_dtype(config.dtype, device)))
     if tokenizer_spec is None:
         tokenizer = model_tokenizer(spec)
     else:
         tokenizer = load_tokenizer(tokenizer_spec)
     check_model_tokenizer(model, tokenizer, model_name=spec)
-    return model.to(_device(config.device)), tokenizer
+    return model.to(device), tokenizer
 
 
 def tokenizer_label(tokenizer: ByteTokenizer) -> str:
@@ -610,7 +538,6 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None) -> list[Ev
         check_tasks(config.tasks)
     texts: list[str] | None = None
     if config.sample_from is not None:  # the teacher's samples are the text (xtd.sampling)
-        from xtd.sampling import teacher_samples
 
         texts = [record["text"] for record in teacher_samples(config, progress=progress)]
     elif config.text is not None:

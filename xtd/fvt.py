@@ -1,4 +1,4 @@
-"""Embeddings of a causal LM for a new tokenizer: FVT (spec/ALM.md §7.1), tie and untie.
+"""Embeddings of a causal LM for a new tokenizer: FVT (docs/method.md, "FVT initialisation"), tie and untie.
 
 :func:`fvt_matrix` maps every new token to old ids by the rules of :data:`FVT_RULES`
 (special-token roles, identical byte views, the old tokenizer's split of the new token's
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from xtd.errors import TokenizerError
+from xtd.errors import ByteIdentityError, TokenizerError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -46,9 +46,9 @@ __all__ = [
 ]
 
 FVT_RULES = ("special", "exact", "decomposed", "random")
-"""The rules of spec/ALM.md §7.1 in the order they are tried; keys of ``init_report``."""
+"""The rules of docs/method.md, "FVT initialisation" in the order they are tried; keys of ``init_report``."""
 
-_ROLES = ("bos", "eos", "pad", "unk")  # bos wins over pad (spec/ALM.md §7.1 rule 1)
+_ROLES = ("bos", "eos", "pad", "unk")  # bos wins over pad (docs/method.md, "FVT initialisation")
 
 
 def is_tied(model: nn.Module) -> bool:
@@ -242,12 +242,11 @@ def _is_byte_fallback(tok: ByteTokenizer, idx: int) -> bool:
 def _encode_plain(tok: ByteTokenizer, texts: list[str]) -> list[list[int] | None]:
     """Old-tokenizer ids of each text with no special tokens added (its whole pipeline).
 
-    Special-token strings inside a text stay text (spec/ALM.md §2.3). A text whose byte
+    Special-token strings inside a text stay text (docs/method.md, "Byte view of a tokenizer"). A text whose byte
     views the tokenizer cannot reproduce gives ``None`` (FVT then falls back to rule 4);
     such texts are found by halving the batch, so a few of them cost a few more batched
     calls, not one call per text.
     """
-    from xtd.errors import ByteIdentityError
 
     try:
         return [enc.ids.tolist() for enc in tok.encode_batch(texts)]
@@ -347,7 +346,7 @@ def fvt_init(
     untie: bool = False,
     seed: int = 0,
 ) -> dict[str, int]:
-    """Move ``model`` in place from ``old_tok`` to ``new_tok`` (spec/ALM.md §7.1).
+    """Move ``model`` in place from ``old_tok`` to ``new_tok`` (docs/method.md, "FVT initialisation").
 
     Input and output embeddings (one matrix when tied; both when untied or ``untie``)
     and an output bias, if any, are initialised by the same rule: they are stacked as

@@ -1,168 +1,152 @@
-"""What one training step optimises: the loss terms of a micro-batch and their combination.
+"""What one training step optimises: a model and a micro-batch in, the loss terms out.
 
-:func:`compute_losses` runs the student's forward pass on one padded micro-batch
-(:class:`xtd.batching.StepDataset`) and returns every chosen loss of :mod:`xtd.losses`,
-each a sum divided by its global count; :func:`combine_terms` weights them, by GradMag
-(spec/ALM.md §4.5) or fixed weights. :func:`mined_setup` and :func:`latents_projection`
-build the per-run inputs that two of the losses need. :mod:`xtd.train` drives the loop.
+:class:`Objective` holds the chosen losses (entries of :mod:`xtd.losses.registry`), their
+settings and per-run states, and the weighting (GradMag or fixed weights). It takes *a
+model and a batch*: :meth:`Objective.outputs` runs any causal LM on the micro-batch —
+a plain student, or one whose embeddings a hypernetwork predicted for this step — and
+:meth:`Objective.terms` turns its outputs into every chosen loss, each a sum divided by
+its global count. The outputs may also be built from final hidden states and an
+:class:`~xtd.losses.OutputLayer` (:class:`~xtd.losses.registry.StudentOutputs`), so the
+fused output layer needs no change here. :mod:`xtd.train` drives the loop.
 
 Dimension letters: ``B`` texts, ``S`` student tokens, ``T`` teacher rows, ``V`` vocab.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor, nn
 
-from xtd.batching import alm_targets
-from xtd.config import flag
-from xtd.errors import ConfigError, TokenizerMismatchError
+from xtd.config import ALMSettings
+from xtd.losses import gradmag_weights
+from xtd.losses.registry import Batch, LossInputs, LossSpec, LossState, RunInfo, StudentOutputs
 
-__all__ = [
-    "LossSetup",
-    "compute_losses",
-    "student_forward",
-    "combine_terms",
-    "trainable_last_block",
-    "latents_projection",
-    "mined_setup",
-    "TOPK_LOSSES",
-]
-
-TOPK_LOSSES = ("kd", "uld", "mined")
-"""Losses that need the teacher's stored top-k."""
+__all__ = ["Objective", "build_objective", "student_forward"]
 
 
-@dataclass(frozen=True)
-class LossSetup:
-    """Static inputs of :func:`compute_losses` (built once per run).
+@dataclass(frozen=True, eq=False)
+class Objective:
+    """The losses of a run and how they combine (built once by :func:`build_objective`).
 
     Attributes:
-        names: the chosen losses.
-        student_boundary_mask: (V,) bool, B_S of spec §4.1; its length is the real vocabulary.
-        tau, distance, merge, merge_threshold, debias: ALM settings (spec §4.2).
-        amp: bf16 autocast on CUDA.
-        mined_map: (V,) long student → teacher id map (``mined`` only).
-        teacher_vocab_size: V_T (``mined`` only).
-        latents_projection: H_S → H_T map when the hidden sizes differ (``latents`` only).
+        losses: the chosen registry entries, in ``--losses`` order.
+        alm: the ALM settings.
+        weights: fixed weight per loss (cancel out under GradMag).
+        boundary_mask: (V,) bool, the student's boundary tokens B_S; its length is the
+            real vocabulary.
+        states: per-run states of the losses that have a setup.
+        amp: bf16 autocast on CUDA (the output layer stays fp32).
     """
 
-    names: tuple[str, ...]
-    student_boundary_mask: torch.Tensor
-    tau: float = 100.0
-    distance: str = "binary_ce"
-    merge: bool = True
-    merge_threshold: float = 0.1
-    debias: bool = True
+    losses: tuple[LossSpec, ...]
+    alm: ALMSettings
+    weights: Mapping[str, float]
+    boundary_mask: Tensor
+    states: Mapping[str, LossState] = field(default_factory=dict)
     amp: bool = False
-    mined_map: torch.Tensor | None = None
-    teacher_vocab_size: int | None = None
-    latents_projection: torch.nn.Module | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.losses)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trained parameters that belong to the losses (e.g. the latents projection), by name."""
+        return {f"{name}_projection": s.module for name, s in self.states.items() if s.module is not None}
+
+    def outputs(self, model: nn.Module, batch: Batch) -> StudentOutputs:
+        """Run ``model`` on the micro-batch: logits (and final hidden states when a loss needs them)."""
+        amp = self.amp and batch["input_ids"].device.type == "cuda"
+        want_hidden = any(spec.needs_hidden_states for spec in self.losses)
+        logits, hidden = student_forward(
+            model, batch, autocast_dtype=torch.bfloat16 if amp else None, output_hidden_states=want_hidden
+        )  # (B, S, V') float32 under autocast (docs/method.md, "Scoring a chunk": losses see fp32 logits)
+        return StudentOutputs(
+            input_ids=batch["input_ids"],
+            boundary_mask=self.boundary_mask,
+            logits_=logits,
+            hidden=hidden[-1] if want_hidden and hidden is not None else None,
+        )
+
+    def terms(
+        self, outputs: StudentOutputs, batch: Batch, normalizers: Mapping[str, float]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Every chosen loss of one micro-batch, each divided by its global count.
+
+        Args:
+            outputs: the student's outputs (:meth:`outputs`, or from hidden states).
+            batch: the padded micro-batch, on the model's device.
+            normalizers: global count per loss (summed over the step's micro-batches and ranks).
+
+        Returns:
+            (terms, stats): 0-dim float32 tensors with gradients, and float statistics for the log.
+        """
+        inputs = LossInputs(batch, self.alm, student=outputs, states=self.states)
+        terms: dict[str, Tensor] = {}
+        stats: dict[str, float] = {}
+        for spec in self.losses:
+            terms[spec.name], extra = spec.compute(inputs, normalizers[spec.name])
+            stats.update(extra)
+        return terms, stats
+
+    def __call__(
+        self, model: nn.Module, batch: Batch, normalizers: Mapping[str, float]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """:meth:`terms` of ``model`` on ``batch``."""
+        return self.terms(self.outputs(model, batch), batch, normalizers)
+
+    def combine(
+        self, terms: Mapping[str, Tensor], counts: Mapping[str, int], last_block: Sequence[nn.Parameter]
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The micro-batch objective: GradMag-weighted (docs/method.md, "GradMag") or
+        fixed-weighted sum of terms.
+
+        A term with nothing to score in this micro-batch (local count 0) is left out: its
+        gradient is zero, and GradMag's 1/‖G‖ would otherwise swamp the other terms.
+
+        Args:
+            terms: from :meth:`terms`.
+            counts: this micro-batch's local count per loss.
+            last_block: the last decoder block's trainable parameters (GradMag), or empty
+                for fixed weights.
+
+        Returns:
+            (objective, GradMag weights for the log).
+        """
+        live = {n: t for n, t in terms.items() if t.requires_grad and counts.get(n, 1) > 0}
+        if not live:
+            return next(iter(terms.values())) * 0.0, {}
+        if last_block and len(live) > 1:
+            gm = gradmag_weights(live, list(last_block))
+            return sum(gm[n] * live[n] for n in live), {n: float(gm[n]) for n in live}  # type: ignore[return-value]
+        return sum(self.weights[n] * live[n] for n in live), {}  # type: ignore[return-value]
 
 
-def compute_losses(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], setup: LossSetup, normalizers: dict[str, float]
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Forward one micro-batch and return each loss term, divided by its global count.
-
-    Args:
-        model: the student (a causal LM returning ``.logits`` (B, S, V')).
-        batch: a padded micro-batch from :class:`xtd.batching.StepDataset`, on the model's device.
-        setup: which losses and their settings.
-        normalizers: global count per loss (:func:`xtd.batching.count_normalizers`, summed
-            over the step's micro-batches and all ranks).
-
-    Returns:
-        (terms, stats): 0-dim float32 tensors with gradients, and float statistics for the log.
-    """
-    from xtd import losses as L
-
-    names = setup.names
-    amp = setup.amp and batch["input_ids"].device.type == "cuda"
-    logits, hidden_states = student_forward(
-        model, batch, autocast_dtype=torch.bfloat16 if amp else None, output_hidden_states="latents" in names
-    )  # (B, S, V') float32 under autocast (docs/method.md, "Scoring a chunk": losses see fp32 logits)
-    vocab = int(setup.student_boundary_mask.numel())
-    ids = batch["input_ids"]
-    terms: dict[str, torch.Tensor] = {}
-    stats: dict[str, float] = {}
-    targets = alm_targets(batch) if any(n in names for n in ("alm", "uld", "mined", "latents")) else None
-    chunks = None
-    if any(n in names for n in ("uld", "mined", "latents")):
-        chunks = L.alm_chunks(targets, merge=False)
-    student_logprob = student_sigma = None
-    if any(n in names for n in ("alm", "sft", "mined")):
-        student_logprob, student_sigma = L.student_path(logits, ids, setup.student_boundary_mask)
-    if "alm" in names:
-        terms["alm"], alm_stats = L.alm_loss(
-            student_logprob,
-            student_sigma,
-            targets,
-            tau=setup.tau,
-            distance=setup.distance,
-            merge=setup.merge,
-            merge_threshold=setup.merge_threshold,
-            debias=setup.debias,
-            normalizer=normalizers["alm"],
-        )
-        stats.update({k: float(v) for k, v in alm_stats.items() if _is_number(v)})
-    if "sft" in names:
-        terms["sft"] = L.sft_loss(student_logprob, batch["sft_mask"], normalizer=normalizers["sft"])
-    if "kd" in names:
-        terms["kd"] = L.kd_topk_loss(
-            logits,
-            batch["teacher_topk_ids"],
-            batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"],
-            batch["sft_mask"],
-            normalizer=normalizers["kd"],
-            vocab_size=vocab,
-        )
-    if "uld" in names:
-        terms["uld"] = L.uld_loss(
-            logits,
-            targets,
-            batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"],
-            normalizer=normalizers["uld"],
-            chunks=chunks,
-            vocab_size=vocab,
-        )
-    if "mined" in names:
-        terms["mined"] = L.mined_loss(
-            logits,
-            student_logprob,
-            targets,
-            batch["teacher_topk_ids"],
-            batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"],
-            setup.mined_map,
-            teacher_vocab_size=int(setup.teacher_vocab_size or 0),
-            normalizer=normalizers["mined"],
-            chunks=chunks,
-            vocab_size=vocab,
-        )
-    if "latents" in names:
-        terms["latents"] = L.latents_loss(
-            hidden_states[-1],
-            batch["teacher_hidden"],
-            targets,
-            projection=setup.latents_projection,
-            normalizer=normalizers["latents"],
-            chunks=chunks,
-        )
-    return terms, stats
+def build_objective(
+    losses: Sequence[LossSpec],
+    *,
+    alm: ALMSettings,
+    weights: Mapping[str, float],
+    boundary_mask: Tensor,
+    run: RunInfo,
+    amp: bool = False,
+) -> Objective:
+    """Run every chosen loss's per-run setup once and hold the result."""
+    states = {spec.name: spec.setup(run) for spec in losses if spec.setup is not None}
+    return Objective(
+        losses=tuple(losses), alm=alm, weights=dict(weights), boundary_mask=boundary_mask, states=states, amp=amp
+    )
 
 
 def student_forward(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
+    model: nn.Module,
+    batch: Batch,
     *,
     autocast_dtype: torch.dtype | None = None,
     output_hidden_states: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """The student's logits (and hidden states) for one micro-batch.
 
     Without ``autocast_dtype`` this is the model's own forward. With it, the transformer
@@ -206,66 +190,3 @@ def student_forward(
     with torch.autocast(device_type, enabled=False):
         logits = head(out.last_hidden_state.float())  # (B, S, V') float32
     return logits, out.hidden_states
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
-
-
-def combine_terms(
-    terms: dict[str, torch.Tensor],
-    weights: dict[str, float],
-    last_block: list[torch.nn.Parameter],
-    counts: dict[str, int],
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The micro-batch objective: GradMag-weighted (spec §4.5) or fixed-weighted sum of terms.
-
-    A term with nothing to score in this micro-batch (local count 0) is left out: its
-    gradient is zero, and GradMag's 1/‖G‖ would otherwise swamp the other terms.
-    """
-    live = {n: t for n, t in terms.items() if t.requires_grad and counts.get(n, 1) > 0}
-    if not live:
-        return next(iter(terms.values())) * 0.0, {}
-    if last_block and len(live) > 1:
-        from xtd.losses import gradmag_weights
-
-        gm = gradmag_weights(live, last_block)
-        return sum(gm[n] * live[n] for n in live), {n: float(gm[n]) for n in live}
-    return sum(weights[n] * live[n] for n in live), {}
-
-
-def trainable_last_block(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable parameters of the last decoder block (GradMag's gradient norms)."""
-    from xtd.losses import last_block_parameters
-
-    return [p for p in last_block_parameters(model) if p.requires_grad]
-
-
-def latents_projection(names: tuple[str, ...], readers: list[Any], model: torch.nn.Module) -> torch.nn.Module | None:
-    """A trained H_S → H_T linear map when ``latents`` compares hidden states of different sizes."""
-    if "latents" not in names:
-        return None
-    teacher_size = int(readers[0].hidden_size)
-    student_size = int(model.config.hidden_size)
-    if any(int(r.hidden_size) != teacher_size for r in readers):
-        raise ConfigError(f"{flag('losses')} latents needs stores of one hidden size; the --store values differ")
-    if student_size == teacher_size:
-        return None
-    from xtd.losses import make_latent_projection
-
-    return make_latent_projection(student_size, teacher_size)
-
-
-def mined_setup(names: tuple[str, ...], readers: list[Any], student_tokenizer: Any, device: torch.device) -> dict[str, Any]:
-    """The MinED student → teacher id map (built once per run, spec §5)."""
-    if "mined" not in names:
-        return {}
-    from xtd.losses import build_mined_map
-    from xtd.tokenization import tokenizer_from_json
-
-    teachers = {r.tokenizer_json for r in readers}
-    if len(teachers) > 1:
-        raise TokenizerMismatchError(f"{flag('losses')} mined needs every --store to share one teacher tokenizer")
-    teacher = tokenizer_from_json(teachers.pop())
-    mined_map = torch.as_tensor(build_mined_map(teacher.token_bytes, student_tokenizer.token_bytes), dtype=torch.long, device=device)
-    return {"mined_map": mined_map, "teacher_vocab_size": teacher.vocab_size}

@@ -1,4 +1,4 @@
-"""Stage 1: run the teacher once over a dataset and write the shard store (DESIGN.md §3–5).
+"""Stage 1: run the teacher once over a dataset and write the shard store (docs/format.md).
 
 :func:`precompute` wires :mod:`xtd.data` (records), :mod:`xtd.teacher` (loading),
 :mod:`xtd.scoring` (the forward passes) and :mod:`xtd.storage` (the writer). In order, so that bad input fails before any weights
@@ -42,13 +42,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+from transformers import PreTrainedTokenizerBase
+
 from xtd.config import PrecomputeConfig, flag
 from xtd.data import DataSource, Record, record_fingerprint_bytes, render_conversation
 from xtd.errors import ConfigError, DataError
+from xtd.runtime import resolve_device, resolve_dtype
+from xtd.scoring import ScoreStats, TeacherInput, score_documents
+from xtd.storage import Document, StoreWriter, existing_store
+from xtd.teacher import TeacherSource, load_teacher, resolve_teacher
+from xtd.tokenization import BOUNDARY_CLASSES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["precompute", "PrecomputeResult", "PrecomputeProgress", "resolve_rank"]
+__all__ = ["precompute", "PrecomputeResult", "PrecomputeProgress", "resolve_rank", "saved_settings", "store_attributes"]
 
 BOUNDARY_CLASS_RULES = {
     "space": "the next token's byte view starts with 0x20 (and it is not special)",
@@ -196,6 +204,10 @@ def precompute(
 ) -> PrecomputeResult:
     """Run the teacher over the data and write (or resume) this rank's part of the store.
 
+    Three steps: :func:`_check_inputs` (the store, the data, the teacher, before any weights
+    load), :func:`store_attributes` (what the store records about this run), and
+    :func:`_score_and_write` (the teacher and the writer).
+
     Args:
         config: every setting (:class:`xtd.config.PrecomputeConfig`).
         progress: called after each document with a :class:`PrecomputeProgress`.
@@ -211,11 +223,83 @@ def precompute(
         StoreExistsError: the store holds other settings and ``overwrite`` is False.
         KeyboardInterrupt: after committed work is safely closed.
     """
-    from xtd.storage import StoreWriter, existing_store
-    from xtd.teacher import load_teacher, resolve_dtype, resolve_teacher
-    from xtd.tokenization import BOUNDARY_CLASSES
-
     rank, world_size = resolve_rank(config.rank, config.world_size)
+    inputs = _check_inputs(config, rank, world_size)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    attrs = store_attributes(config, inputs, dtype)
+    relation = None if config.overwrite else _same_or_more_data(inputs.existing, inputs.scan)
+    if relation == "same" and inputs.existing is not None:
+        # The very records the store was written from: keep its description of them.
+        attrs["dataset"] = inputs.existing["dataset"]
+        attrs["settings"]["limit"] = (inputs.existing.get("settings") or {}).get("limit")
+    elif relation == "more":
+        logger.info(
+            "extending store %r: its %d records are the first of the %d now given",
+            str(config.out), inputs.existing["dataset"]["records"], inputs.scan.records,  # type: ignore[index]
+        )  # fmt: skip
+    writer = StoreWriter(
+        config.out,
+        attrs=attrs,
+        top_k=config.top_k,
+        hidden_size=inputs.hidden_size,
+        topk_codec=config.topk_codec,
+        rank=rank,
+        world_size=world_size,
+        overwrite=config.overwrite,
+        extend=relation == "more",
+        **({"shard_tokens": config.shard_tokens} if config.shard_tokens is not None else {}),
+    )
+    result = PrecomputeResult(
+        out=str(config.out),
+        rank=rank,
+        world_size=world_size,
+        documents_total=inputs.scan.rank_documents,
+        documents_written=0,
+        documents_resumed=writer.documents_committed,
+        empty_documents=inputs.scan.rank_empty,
+        tokens=0,
+        seconds=0.0,
+        complete=writer.complete,
+        teacher=attrs["teacher"],
+        settings=attrs["settings"],
+    )
+    if writer.complete:
+        logger.info("store %r (part %d) already holds these documents; nothing to do", str(config.out), rank)
+        writer.close(complete=False)
+        return result
+    if writer.documents_committed:
+        logger.info("resuming after %d committed documents of rank %d", writer.documents_committed, rank)
+    _score_and_write(config, inputs, writer, result, device=device, progress=progress)
+    if result.inexact_loss_spans:
+        logger.warning(
+            "%d conversations: the chat template changes message contents, so their assistant turns "
+            "could not be located exactly; they are trained on in full",
+            result.inexact_loss_spans,
+        )
+    return result
+
+
+@dataclass
+class _Inputs:
+    """What :func:`_check_inputs` found: the store, the data, the teacher (no weights yet)."""
+
+    existing: dict[str, Any] | None
+    source: DataSource
+    teacher: TeacherSource
+    scan: _Scan
+    max_length: int
+    hidden_size: int | None
+
+
+def _check_inputs(config: PrecomputeConfig, rank: int, world_size: int) -> _Inputs:
+    """Look at ``--out``, the data and the teacher before any weights load.
+
+    ``--out`` must hold nothing or an xtd store (anything else is refused whatever the
+    flags); the data must have non-empty records (conversations need a chat template or
+    ``--chat-template never``); the teacher's config and tokenizer must load and fit
+    ``--top-k`` and ``--max-length``.
+    """
     existing = existing_store(config.out)  # a foreign or unwritable --out fails here, at once
     source = DataSource(
         config.data, split=config.split, text_field=config.text_field, limit=config.limit, errors=config.errors
@@ -223,15 +307,15 @@ def precompute(
     where = source.describe()["source"]
     if next(iter(source), None) is None:
         raise DataError(f"dataset {where!r} is empty (no records{' within --limit' if config.limit else ''})")
-    teacher_source = resolve_teacher(config.teacher, revision=config.revision)
-    vocab = teacher_source.vocab_size
+    teacher = resolve_teacher(config.teacher, revision=config.revision)
+    vocab = teacher.vocab_size
     if config.top_k > vocab:
         raise ConfigError(
             f"{flag('top_k')} ({config.top_k}) is larger than the teacher vocabulary ({vocab} ids); "
             f"use at most {vocab}, or 0 to store no top-k"
         )
     max_length = config.max_length
-    limit = teacher_source.max_positions
+    limit = teacher.max_positions
     if limit is not None and max_length > limit:
         if config.stride >= limit:
             raise ConfigError(
@@ -245,120 +329,106 @@ def precompute(
     scan = _scan(source, rank, world_size, old_records if isinstance(old_records, int) else None)
     if scan.records == scan.empty:
         raise DataError(f"dataset {where!r} has {scan.records} records and all of them are empty")
-    if scan.conversations and config.chat_template == "auto" and not getattr(
-        teacher_source.tokenizer.hf, "chat_template", None
-    ):
+    if scan.conversations and config.chat_template == "auto" and not getattr(teacher.tokenizer.hf, "chat_template", None):
         raise DataError(
-            f"dataset {where!r} holds conversations but teacher {teacher_source.name!r} has no chat template; "
+            f"dataset {where!r} holds conversations but teacher {teacher.name!r} has no chat template; "
             f"pass {flag('chat_template')} never to render them as plain 'role: content' lines"
         )
-    device = "cuda" if _cuda_available() else "cpu"
-    dtype = resolve_dtype(config.dtype, device)
-    hidden_size = teacher_source.hidden_size if config.hidden else None
-    settings = {
-        "scoring_version": SCORING_VERSION,
-        "top_k": config.top_k,
-        "topk_codec": config.topk_codec,
-        "max_length": max_length,
-        "stride": config.stride,
-        "hidden": config.hidden,
-        "dtype": dtype,
-        "chat_template": config.chat_template,
-        "add_special_tokens": True,
-        "limit": config.limit,
-        "errors": config.errors,
-        "empty_documents": "skipped",
-    }
-    attrs = {
-        "teacher": teacher_source.describe(dtype),
-        "tokenizer_json": teacher_source.tokenizer.to_json(),
-        "tokenizer_digest": teacher_source.tokenizer.digest,
+    hidden_size = teacher.hidden_size if config.hidden else None
+    return _Inputs(existing, source, teacher, scan, max_length, hidden_size)
+
+
+_RUN_ONLY = ("out", "overwrite", "resume", "rank", "world_size", "device")
+"""Settings of one invocation, not of the store (left out of the saved ``config``)."""
+
+
+def store_attributes(config: PrecomputeConfig, inputs: _Inputs, dtype: str) -> dict[str, Any]:
+    """The store's root ``xtd`` attribute (docs/format.md): the teacher, its tokenizer, the
+    boundary classes and their rules, the dataset, the settings that decide the arrays, and
+    the config ``xtd precompute --resume`` reads back."""
+    return {
+        "teacher": inputs.teacher.describe(dtype),
+        "tokenizer_json": inputs.teacher.tokenizer.to_json(),
+        "tokenizer_digest": inputs.teacher.tokenizer.digest,
         "boundary_classes": list(BOUNDARY_CLASSES),
         "boundary_class_rules": {c: BOUNDARY_CLASS_RULES[c] for c in BOUNDARY_CLASSES},
         "dataset": {
-            **source.describe(),
-            "fingerprint": scan.fingerprint,
-            "records": scan.records,
-            "empty_records": scan.empty,
-            "conversations": scan.conversations,
-            "chat_template": config.chat_template if scan.conversations else None,
+            **inputs.source.describe(),
+            "fingerprint": inputs.scan.fingerprint,
+            "records": inputs.scan.records,
+            "empty_records": inputs.scan.empty,
+            "conversations": inputs.scan.conversations,
+            "chat_template": config.chat_template if inputs.scan.conversations else None,
         },
-        "settings": settings,
+        "settings": {
+            "scoring_version": SCORING_VERSION,
+            "top_k": config.top_k,
+            "topk_codec": config.topk_codec,
+            "max_length": inputs.max_length,
+            "stride": config.stride,
+            "hidden": config.hidden,
+            "dtype": dtype,
+            "chat_template": config.chat_template,
+            "add_special_tokens": True,
+            "limit": config.limit,
+            "errors": config.errors,
+            "empty_documents": "skipped",
+        },
         "windowing": (
-            f"windows of at most {max_length} tokens; each later window starts {config.stride} tokens "
+            f"windows of at most {inputs.max_length} tokens; each later window starts {config.stride} tokens "
             "before the previous one ended and scores only its new rows"
         ),
         "token_slot": "not written (v1): special tokens are rows with empty byte spans",
+        "config": {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY},
     }
-    relation = None if config.overwrite else _same_or_more_data(existing, scan)
-    if relation == "same" and existing is not None:
-        # The very records the store was written from: keep its description of them.
-        attrs["dataset"] = existing["dataset"]
-        settings["limit"] = (existing.get("settings") or {}).get("limit")
-    elif relation == "more":
-        logger.info(
-            "extending store %r: its %d records are the first of the %d now given",
-            str(config.out), existing["dataset"]["records"], scan.records,  # type: ignore[index]
+
+
+def saved_settings(url: str) -> dict[str, Any]:
+    """The precompute settings a store was written with (``xtd precompute --resume``).
+
+    Raises:
+        ConfigError: nothing at ``url``, or a store written before xtd saved its settings.
+    """
+    existing = existing_store(url)
+    if existing is None:
+        raise ConfigError(f"--resume: there is no store at {url!r} to resume; run xtd precompute with its settings")
+    saved = existing.get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"--resume: store {url!r} does not record its precompute settings (written by an older xtd); "
+            "rerun the command that wrote it"
         )
-    writer_kwargs: dict[str, Any] = {"extend": relation == "more"}
-    if config.shard_tokens is not None:
-        writer_kwargs["shard_tokens"] = config.shard_tokens
-    writer = StoreWriter(
-        config.out,
-        attrs=attrs,
-        top_k=config.top_k,
-        hidden_size=hidden_size,
-        topk_codec=config.topk_codec,
-        rank=rank,
-        world_size=world_size,
-        overwrite=config.overwrite,
-        **writer_kwargs,
-    )
+    return {**saved, "out": url}
+
+
+def _score_and_write(
+    config: PrecomputeConfig,
+    inputs: _Inputs,
+    writer: StoreWriter,
+    result: PrecomputeResult,
+    *,
+    device: torch.device,
+    progress: Callable[[PrecomputeProgress], None] | None,
+) -> None:
+    """Load the teacher, score this rank's remaining documents, write them in the background."""
     committed = writer.documents_committed
-    result = PrecomputeResult(
-        out=str(config.out),
-        rank=rank,
-        world_size=world_size,
-        documents_total=scan.rank_documents,
-        documents_written=0,
-        documents_resumed=committed,
-        empty_documents=scan.rank_empty,
-        tokens=0,
-        seconds=0.0,
-        complete=writer.complete,
-        teacher=attrs["teacher"],
-        settings=settings,
-    )
-    if writer.complete:
-        logger.info("store %r (part %d) already holds these documents; nothing to do", str(config.out), rank)
-        writer.close(complete=False)
-        return result
-    if committed:
-        logger.info("resuming after %d committed documents of rank %d", committed, rank)
     try:
-        teacher = load_teacher(teacher_source, dtype=config.dtype, device=device)
-        if hidden_size is not None and teacher.hidden_size != hidden_size:
+        teacher = load_teacher(inputs.teacher, dtype=config.dtype, device=device)
+        if inputs.hidden_size is not None and teacher.hidden_size != inputs.hidden_size:
             raise ConfigError(
-                f"teacher {teacher_source.name!r}: config hidden_size {hidden_size} differs from its output "
+                f"teacher {inputs.teacher.name!r}: config hidden_size {inputs.hidden_size} differs from its output "
                 f"layer's input width {teacher.hidden_size}; cannot store hidden states"
             )
     except BaseException:
         writer.close(complete=False)
         raise
-    inputs = _teacher_inputs(
-        source,
-        teacher_source.tokenizer.hf,
-        config.chat_template,
-        rank,
-        world_size,
-        result,
-        with_loss_spans=scan.conversations > 0,
-    )
-    from xtd.scoring import ScoreStats, score_documents
-
+    documents_in = _teacher_inputs(
+        inputs.source, inputs.teacher.tokenizer.hf, config.chat_template, result.rank, result.world_size, result,
+        with_loss_spans=inputs.scan.conversations > 0,
+    )  # fmt: skip
     background = _BackgroundWriter(writer)
     started = time.perf_counter()
-    todo_bytes = sum(scan.rank_bytes[committed:])
+    todo_bytes = sum(inputs.scan.rank_bytes[committed:])
 
     def report(stats: ScoreStats) -> None:
         if progress is None:
@@ -371,7 +441,7 @@ def precompute(
             eta = max(0.0, left) / (stats.forward_tokens / elapsed)
         progress(
             PrecomputeProgress(
-                committed + result.documents_written, scan.rank_documents, result.tokens, elapsed,
+                committed + result.documents_written, inputs.scan.rank_documents, result.tokens, elapsed,
                 stats.forward_tokens, eta,
             )
         )
@@ -381,9 +451,9 @@ def precompute(
     try:
         documents = score_documents(
             teacher,
-            inputs,
+            documents_in,
             top_k=config.top_k,
-            max_length=max_length,
+            max_length=inputs.max_length,
             stride=config.stride,
             batch_tokens=config.batch_tokens,
             hidden=config.hidden,
@@ -407,39 +477,24 @@ def precompute(
     writer.close(complete=True)
     result.seconds = time.perf_counter() - started
     result.complete = True
-    if result.inexact_loss_spans:
-        logger.warning(
-            "%d conversations: the chat template changes message contents, so their assistant turns "
-            "could not be located exactly; they are trained on in full",
-            result.inexact_loss_spans,
-        )
-    return result
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _teacher_inputs(
     source: DataSource,
-    hf_tokenizer: Any,
+    hf_tokenizer: PreTrainedTokenizerBase,
     chat_template: str,
     rank: int,
     world_size: int,
     result: PrecomputeResult,
     *,
     with_loss_spans: bool,
-) -> Iterator[Any]:
+) -> Iterator[TeacherInput]:
     """This rank's non-empty records as TeacherInputs, conversations rendered.
 
     The store needs the same optional arrays in every document of a part, so when the
     data holds any conversation (``with_loss_spans``), a plain text gets one loss span
     over its whole text.
     """
-    from xtd.scoring import TeacherInput
-
     for record in source:
         if record.index % world_size != rank or record.is_empty:
             continue
@@ -449,9 +504,7 @@ def _teacher_inputs(
         yield item
 
 
-def _render(record: Record, hf_tokenizer: Any, chat_template: str, result: PrecomputeResult) -> Any:
-    from xtd.scoring import TeacherInput
-
+def _render(record: Record, hf_tokenizer: PreTrainedTokenizerBase, chat_template: str, result: PrecomputeResult) -> TeacherInput:
     if record.messages is None:
         text = record.text or ""
         try:
@@ -476,11 +529,11 @@ def _render(record: Record, hf_tokenizer: Any, chat_template: str, result: Preco
 
 
 class _BackgroundWriter:
-    """Writes documents in a thread; the bounded queue keeps memory flat (DESIGN.md §3)."""
+    """Writes documents in a thread; the bounded queue keeps memory flat."""
 
-    def __init__(self, writer: Any) -> None:
+    def __init__(self, writer: StoreWriter) -> None:
         self._writer = writer
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DOCUMENTS)
+        self._queue: queue.Queue[Document | None] = queue.Queue(maxsize=_QUEUE_DOCUMENTS)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="xtd-store-writer", daemon=True)
         self._thread.start()
@@ -497,7 +550,7 @@ class _BackgroundWriter:
             except BaseException as exc:  # reported to the main thread
                 self._error = exc
 
-    def put(self, doc: Any) -> None:
+    def put(self, doc: Document) -> None:
         while True:
             if self._error is not None:
                 raise self._error

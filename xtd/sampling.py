@@ -40,8 +40,11 @@ import torch
 from transformers import DynamicCache
 
 from xtd.errors import ConfigError
+from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
+from xtd.student import load_causal_lm, model_tokenizer
+from xtd.texts import read_prompts
 
-__all__ = ["sample_texts", "write_samples", "read_prompts", "teacher_samples", "SEED_STRIDE", "SAMPLE_BATCH"]
+__all__ = ["sample_texts", "write_samples", "teacher_samples", "SEED_STRIDE", "SAMPLE_BATCH"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,29 +228,6 @@ def write_samples(records: Sequence[dict[str, Any]], path: str | os.PathLike[str
     return target
 
 
-def read_prompts(path: str | os.PathLike[str]) -> list[str]:
-    """Prompts from a ``.jsonl`` file (field ``text``) or a text file (one per non-empty line).
-
-    Raises:
-        DataError: a missing, empty, non-UTF-8 or malformed file.
-    """
-    from xtd.errors import DataError
-    from xtd.evaluate import read_texts
-
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        return read_texts(p)
-    if not p.is_file():
-        raise DataError(f"prompt file {str(p)!r} does not exist; pass a .txt (one prompt per line) or .jsonl file")
-    try:
-        lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"prompt file {str(p)!r} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8") from None
-    if not lines:
-        raise DataError(f"prompt file {str(p)!r} has no non-empty line")
-    return lines
-
-
 def teacher_samples(config: Any, *, progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
     """What ``xtd eval --sample-from`` runs: load the teacher, sample, write ``--samples-out``.
 
@@ -260,12 +240,11 @@ def teacher_samples(config: Any, *, progress: Callable[[str, int, int], None] | 
     """
     import gc
 
-    from xtd.student import load_causal_lm, model_tokenizer
 
     prompts = read_prompts(config.prompts) if config.prompts is not None else []
     tokenizer = model_tokenizer(config.sample_from)
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
-    model = load_causal_lm(config.sample_from, dtype=config.dtype).to("cpu" if device == "auto" else device)
+    device = resolve_device(config.device)
+    model = load_causal_lm(config.sample_from, dtype=torch_dtype(resolve_dtype(config.dtype, device))).to(device)
     records = sample_texts(
         model, tokenizer, num_samples=config.num_samples, max_new_tokens=config.sample_tokens,
         seed=config.sample_seed, prompts=prompts, progress=progress,

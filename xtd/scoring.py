@@ -1,37 +1,35 @@
-"""Run a teacher over documents: per teacher token, what stage 2 needs (spec/ALM.md §6).
+"""Run a teacher over documents: per teacher token, what stage 2 needs (docs/method.md, "What the store holds").
 
 Dimension letters: ``B`` sequences in a batch, ``T`` positions, ``N`` token rows of one
 document, ``n`` positions scored in a batch, ``V`` tokenizer vocabulary (the softmax
 width), ``K`` top-k, ``H`` hidden size, ``C`` boundary classes.
 
-Per token row ``r`` of a document (DESIGN.md §3; arrays of :class:`xtd.storage.Document`):
+Per token row ``r`` of a document (docs/format.md; arrays of :class:`xtd.storage.Document`):
 
 * ``token_logprob[r] = log_softmax(z[r-1])[t_r]`` in fp32, clamped ≤ 0 — the realised
   log-prob sits on the row of the token it scores; row 0 has no context and is NaN;
 * ``boundary_logmass[r, c] = log Σ_{v in class c} softmax(z[r])[v]`` — the mass of the
   token *after* row ``r`` by boundary class (space, newline, tab, special; the classes of
   :mod:`xtd.tokenization`), summed over the **full** softmax in fp32, clamped ≤ 0,
-  ``-inf`` for zero mass, stored fp16 (spec §4.1, §6);
+  ``-inf`` for zero mass, stored fp16 (docs/method.md, "Scoring a chunk", "What the store holds");
 * ``topk_ids/topk_logprobs[r]``: the ``K`` most likely next tokens after row ``r`` and
   ``tail_logmass[r] = log(1 − Σ top-k probs)`` (a difference of sums: accurate to about
   1e-6 in probability mass, so a tiny tail is only approximate in log space);
-* ``hidden[r]``: the last hidden state after the final norm (spec §4.3), fp16.
+* ``hidden[r]``: the last hidden state after the final norm (docs/method.md, "Hidden-state loss"), fp16.
 
 Logits of vocabulary rows beyond the tokenizer's ids (padded embedding matrices) are
 dropped before every softmax.
 
-**Long documents (windows).** A document of ``N`` tokens is cut into windows of at most
-``max_length`` tokens. Window 0 is ``[0, L)``; each next window starts ``stride`` tokens
-before the previous one ended, ``[e - stride, min(e - stride + L, N))``, and contributes
-only its new rows ``[e, …)``. So every row is scored exactly once, every row except
-row 0 has at least ``stride`` tokens of context (or all of them, inside window 0), and
-nothing is ever truncated. The cost is ``stride / (L - stride)`` extra forward tokens.
+**Long documents (windows).** A document longer than ``max_length`` tokens is scored in
+windows (:func:`xtd.packing.plan_windows`, with ``stride`` tokens of context carried into
+each later window): every row is scored exactly once, every row except row 0 has at least
+``stride`` tokens of context (or all of them, inside window 0), and nothing is truncated.
 
 **Throughput.** Documents are taken in *pools* of consecutive documents (≈ 64 ×
 ``batch_tokens`` bytes of text, a pure function of the input, so a resumed run re-forms
 the same pools and reproduces the same batches bit for bit). Within a pool the windows
-are sorted by length (longest first) and packed into batches of at most
-``batch_tokens`` padded positions; the final norm output of the positions that are
+are packed longest first into batches of at most ``batch_tokens`` padded positions
+(:func:`xtd.packing.pack_longest_first`); the final norm output of the positions that are
 needed is gathered (padding is never sent through the output layer), and the output
 layer + log-softmax run in slices of at most ``logits_budget_bytes`` of fp32 logits.
 Batches are right-padded and run without an attention mask: under causal attention a
@@ -54,8 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from xtd.errors import ConfigError
+from xtd.errors import ByteIdentityError, ConfigError
+from xtd.packing import pack_longest_first, plan_windows
+from xtd.storage import Document
 from xtd.teacher import Teacher
+from xtd.tokenization import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ __all__ = [
     "ScoreStats",
     "score_texts",
     "score_documents",
-    "plan_windows",
-    "plan_batches",
     "pool_bytes_for",
     "DEFAULT_LOGITS_BUDGET_BYTES",
 ]
@@ -84,7 +83,7 @@ class TeacherInput:
         chat: True for text rendered with a chat template: occurrences of special-token
             strings become those special tokens (as ``apply_chat_template`` tokenises), and
             their literal strings are not part of the stored text (each is an empty-span
-            row at its position, spec/ALM.md §2.3). False: plain text, tokenised with the
+            row at its position, docs/method.md, "Byte view of a tokenizer"). False: plain text, tokenised with the
             tokenizer's own special tokens added (e.g. a BOS), and special-token strings
             inside it are ordinary text.
         loss_spans: (M, 2) byte ranges ``[start, end)`` of ``text`` to train on, or None.
@@ -110,48 +109,6 @@ class ScoreStats:
     """Forward tokens of every window of the pools started so far (for progress estimates)."""
     planned_bytes: int = 0
     """Text bytes of the pools started so far."""
-
-
-def plan_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows ``(start, end, new_from)`` over ``num_tokens`` rows (module docstring).
-
-    Each row lies in exactly one ``[new_from, end)``; ``new_from - start`` is the context
-    carried over (``stride`` for every window after the first).
-    """
-    if max_length < 2 or not 1 <= stride < max_length:
-        raise ConfigError(f"need max_length >= 2 and 1 <= stride < max_length, got {max_length}, {stride}")
-    if num_tokens <= max_length:
-        return [(0, num_tokens, 0)]
-    windows = [(0, max_length, 0)]
-    end = max_length
-    while end < num_tokens:
-        start = end - stride
-        new_end = min(start + max_length, num_tokens)
-        windows.append((start, new_end, end))
-        end = new_end
-    return windows
-
-
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequences into batches of at most ``batch_tokens`` padded positions.
-
-    Longest first (a too-large batch fails at the start, not after hours); ties keep
-    input order, so the plan is a pure function of ``lengths``. A sequence longer than
-    the budget gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        if current and max(width, lengths[i]) * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, width = [], 0
-        current.append(i)
-        width = max(width, lengths[i])
-    if current:
-        batches.append(current)
-    return batches
 
 
 def pool_bytes_for(batch_tokens: int) -> int:
@@ -270,7 +227,6 @@ def _pools(inputs: Iterable[TeacherInput], pool_bytes: int) -> Iterator[list[Tea
 
 def _encode_pool(teacher: Teacher, pool: list[TeacherInput]) -> list[tuple[bytes, Any, np.ndarray | None]]:
     """(stored text bytes, Encoding, loss spans in stored bytes) per document."""
-    from xtd.errors import ByteIdentityError
 
     tok = teacher.tokenizer
     out: list[tuple[bytes, Any, np.ndarray | None] | None] = [None] * len(pool)
@@ -292,7 +248,6 @@ def _encode_pool(teacher: Teacher, pool: list[TeacherInput]) -> list[tuple[bytes
 
 
 def _encode_one_plain(tok: Any, item: TeacherInput) -> None:
-    from xtd.errors import ByteIdentityError
 
     try:
         tok.encode(item.text, add_special_tokens=True)
@@ -318,8 +273,6 @@ def _special_pattern(tok: Any) -> re.Pattern[str] | None:
 
 def _encode_chat(teacher: Teacher, item: TeacherInput) -> tuple[bytes, Any, np.ndarray | None]:
     """Tokenise rendered chat text: special strings → special ids with empty spans."""
-    from xtd.errors import ByteIdentityError
-    from xtd.tokenization import Encoding
 
     tok = teacher.tokenizer
     pattern = _special_pattern(tok)
@@ -369,7 +322,6 @@ def _encode_chat(teacher: Teacher, item: TeacherInput) -> tuple[bytes, Any, np.n
 
 
 def _score_pool(teacher: Teacher, pool: list[TeacherInput], opts: _Options, stats: ScoreStats) -> Iterator[Any]:
-    from xtd.storage import Document
 
     encoded = _encode_pool(teacher, pool)
     windows: list[_Window] = []
@@ -421,7 +373,7 @@ def _score_pool(teacher: Teacher, pool: list[TeacherInput], opts: _Options, stat
             next_doc += 1
 
     yield from finished()
-    for batch in plan_batches([w.end - w.start for w in windows], opts.batch_tokens):
+    for batch in pack_longest_first([w.end - w.start for w in windows], max_tokens=opts.batch_tokens):
         group = [windows[i] for i in batch]
         _run_batch(teacher, group, [encoded[w.doc][1].ids for w in group], outputs, opts, stats)
         if opts.on_batch is not None:
@@ -478,7 +430,7 @@ def _run_batch(
             hid = out.hidden_states[-1] if opts.hidden else None
             logits_all = out.logits
         gathered_h = hid[b_idx, t_idx] if hid is not None else None  # (n, H)
-    # Outside autocast: softmax statistics are fp32 (spec/ALM.md §6), only the output
+    # Outside autocast: softmax statistics are fp32 (docs/method.md, "What the store holds"), only the output
     # layer runs in the forward precision.
     stats_out = _position_stats(teacher, gathered_h, logits_all, b_idx, t_idx, target, opts)
     lp_next, bmass, topk_ids, topk_lp, tail = (x.cpu().numpy() if x is not None else None for x in stats_out)

@@ -5,12 +5,12 @@ Four ways to get a student (:func:`load_student`):
 (a) a Hugging Face causal LM (id or folder) with its own tokenizer;
 (b) the same model moved to another tokenizer (``tokenizer=``: any spec of
     :func:`xtd.tokenization.load_tokenizer`, ``"bytes"`` included), its embeddings
-    initialised by FVT (spec/ALM.md §7.1, :func:`xtd.fvt.fvt_init`);
+    initialised by FVT (docs/method.md, "FVT initialisation", :func:`xtd.fvt.fvt_init`);
 (c) a fresh, randomly initialised model from a config (``model_config=``) with a given
     tokenizer, for distilling into a small model from scratch;
 (d) the embedded default ``embedded:smollm2`` (:func:`xtd.assets.embedded_teacher_dir`).
 
-Byte-level students (spec/ALM.md §7.2) are case (b) with ``tokenizer="bytes"``: the
+Byte-level students (docs/method.md, "Byte students") are case (b) with ``tokenizer="bytes"``: the
 vocabulary is the 256 bytes plus special tokens. Input-id expansion (BLT-style n-gram
 embeddings) is not implemented in this version.
 
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from xtd.assets import embedded_teacher_dir
 from xtd.errors import ConfigError, ModelLoadError, TokenizerError
 from xtd.fvt import (
     FVT_RULES,
@@ -42,6 +43,8 @@ from xtd.fvt import (
     set_special_ids,
     untie_embeddings,
 )
+from xtd.model_parts import LINEAR_TYPES, decoder_blocks
+from xtd.tokenization import load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -115,25 +118,12 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> str:
             raise ConfigError(
                 f"unknown embedded model {text!r}; the only embedded model is 'embedded:smollm2'"
             )
-        from xtd.assets import embedded_teacher_dir
 
         return str(embedded_teacher_dir())
     return text
 
 
-def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        value = getattr(torch, str(dtype))
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
-    return value
-
-
-def load_causal_lm(spec: str | os.PathLike[str], *, dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
+def load_causal_lm(spec: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a causal LM by HF id, folder or ``embedded:smollm2``.
 
     Raises:
@@ -149,7 +139,7 @@ def load_causal_lm(spec: str | os.PathLike[str], *, dtype: torch.dtype | str = t
             "(config.json + weights) or an HF id"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local.exists():
@@ -167,7 +157,6 @@ def model_tokenizer(spec: str | os.PathLike[str]) -> ByteTokenizer:
     Raises:
         TokenizerError: the model folder holds no tokenizer files (pass one explicitly).
     """
-    from xtd.tokenization import load_tokenizer
 
     path = resolve_model_path(spec)
     local = Path(path)
@@ -212,7 +201,7 @@ def load_student(
     lora_alpha: float | None = None,
     untie: bool = False,
     train_embeddings: bool = True,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> Student:
     """Build a student (see the module docstring for the four cases).
@@ -242,7 +231,6 @@ def load_student(
             ``lora_rank < 0``, no LoRA targets found).
         ModelLoadError, TokenizerError: the model or tokenizer cannot be loaded.
     """
-    from xtd.tokenization import load_tokenizer
 
     if lora_rank < 0:
         raise ConfigError(f"--lora-rank ({lora_rank}) must be 0 (full fine-tuning) or positive")
@@ -313,14 +301,14 @@ def load_student(
     return Student(model=built, tokenizer=new_tok, original_tokenizer=original, init_report=report)
 
 
-def _fresh_model(config: Any, tok: ByteTokenizer, *, dtype: torch.dtype | str, seed: int) -> PreTrainedModel:
+def _fresh_model(config: Any, tok: ByteTokenizer, *, dtype: torch.dtype, seed: int) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     config.vocab_size = tok.vocab_size
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         raise ConfigError(f"config of model type {config.model_type!r} is not a causal LM: {exc}") from None
     set_special_ids(model, tok)
@@ -330,53 +318,27 @@ def _fresh_model(config: Any, tok: ByteTokenizer, *, dtype: torch.dtype | str, s
 # --------------------------------------------------------------------------- LoRA
 
 
-def _linear_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
-
-
-def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList of decoder blocks: the largest list of same-type blocks with linears."""
-    linear = _linear_types()
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        kinds = {type(child) for child in module}
-        if len(kinds) != 1 or isinstance(module[0], linear):
-            continue
-        if not any(isinstance(m, linear) for m in module[0].modules()):
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
-    return None if best is None else (best[1], best[2])
-
-
 def find_lora_targets(model: nn.Module) -> list[str]:
     """Full names of the attention and MLP linears inside the decoder blocks.
 
-    Found structurally (spec/ALM.md §9 item 12): the decoder blocks are the largest
-    ``nn.ModuleList`` of same-type modules; every ``nn.Linear`` (or GPT-2 ``Conv1D``)
-    inside them is a target — q/k/v/o and gate/up/down for Llama, Qwen, Mistral and
+    Found structurally: every ``nn.Linear`` (or GPT-2 ``Conv1D``) inside the decoder blocks
+    (:func:`xtd.model_parts.decoder_blocks`, the rule GradMag uses too) is a target — q/k/v/o and gate/up/down for Llama, Qwen, Mistral and
     Gemma; ``c_attn``/``c_proj``/``c_fc`` for GPT-2.
 
     Raises:
         ConfigError: no decoder blocks or no linears in them.
     """
-    found = _decoder_blocks(model)
+    found = decoder_blocks(model)
     if found is None:
         raise ConfigError(
             f"no LoRA targets in {type(model).__name__}: found no list of decoder blocks with "
             "linear layers; train without --lora-rank (full fine-tuning)"
         )
     prefix, _ = found
-    linear = _linear_types()
     return [
         name
         for name, module in model.named_modules()
-        if name.startswith(prefix + ".") and isinstance(module, linear)
+        if name.startswith(prefix + ".") and isinstance(module, LINEAR_TYPES)
     ]
 
 

@@ -21,7 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from xtd.errors import ConfigError, ModelLoadError, TokenizerMismatchError
+from xtd.assets import DEFAULT_TEACHER, embedded_teacher_dir
+from xtd.config import canonical_dtype
+from xtd.errors import ModelLoadError, TokenizerMismatchError
+from xtd.runtime import resolve_device, resolve_dtype, torch_dtype
+from xtd.tokenization import BOUNDARY_CLASSES, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +35,8 @@ __all__ = [
     "resolve_teacher",
     "load_teacher",
     "weights_digest",
-    "resolve_dtype",
-    "DTYPES",
 ]
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _EMBEDDED_PREFIX = "embedded:"
 
 
@@ -180,14 +180,11 @@ def resolve_teacher(spec: str | None, *, revision: str | None = None) -> Teacher
         ModelLoadError: nothing loadable under that name (raised fast, before any weights).
         TokenizerError: the teacher's tokenizer has no exact byte view.
     """
-    from xtd.assets import DEFAULT_TEACHER
-    from xtd.tokenization import load_tokenizer
 
     name = spec or DEFAULT_TEACHER
     if name.startswith(_EMBEDDED_PREFIX):
         if name != DEFAULT_TEACHER:
             raise ModelLoadError(f"unknown embedded teacher {name!r}; the embedded teacher is {DEFAULT_TEACHER!r}")
-        from xtd.assets import embedded_teacher_dir
 
         logger.info("teacher: the embedded SmolLM2-135M-Instruct (converted from its GGUF on first use)")
         folder = embedded_teacher_dir()
@@ -224,22 +221,21 @@ def load_teacher(
         spec: as for :func:`resolve_teacher`, or an already resolved source.
         revision: hub revision.
         dtype: ``auto`` (bf16 on CUDA when supported, else fp16; fp32 on CPU), ``bf16``,
-            ``fp16`` or ``fp32``. On CUDA the weights are loaded in that dtype; on CPU the
-            weights stay fp32 and a 16-bit dtype means autocast.
-        device: ``None`` = CUDA when present, else CPU.
+            ``fp16`` or ``fp32`` (:func:`xtd.runtime.resolve_dtype`). On CUDA the weights are
+            loaded in that dtype; on CPU the weights stay fp32 and a 16-bit dtype means autocast.
+        device: as :func:`xtd.runtime.resolve_device` (``None`` = CUDA when present, else CPU).
 
     Raises:
         ModelLoadError: unknown model, weights that do not load, a vocabulary smaller than
             the tokenizer's.
         ConfigError: an unknown dtype.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = canonical_dtype(dtype)  # a bad spelling fails before anything loads
     source = spec if isinstance(spec, TeacherSource) else resolve_teacher(spec, revision=revision)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(dtype, dev.type)
-    load_dtype = _TORCH_DTYPES[dtype] if dev.type == "cuda" else torch.float32
-    autocast_dtype = _TORCH_DTYPES[dtype] if (dev.type != "cuda" and dtype != "fp32") else None
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
+    load_dtype = torch_dtype(dtype) if dev.type == "cuda" else torch.float32
+    autocast_dtype = torch_dtype(dtype) if (dev.type != "cuda" and dtype != "fp32") else None
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -269,7 +265,6 @@ def load_teacher(
     weight = head.weight[:vocab].detach()
     bias = head.bias[:vocab].detach() if getattr(head, "bias", None) is not None else None
     classes = torch.as_tensor(source.tokenizer.boundary_class.astype(np.int64))
-    from xtd.tokenization import BOUNDARY_CLASSES
 
     # (V, 1 + C): column 0 sums everything (the softmax normaliser), column 1 + c class c.
     class_matrix = torch.zeros(vocab, 1 + len(BOUNDARY_CLASSES), dtype=torch.float32)
@@ -294,23 +289,6 @@ def load_teacher(
         "teacher %s loaded in %.1f s on %s (%s, vocab %d)", source.name, time.perf_counter() - started, dev, dtype, vocab
     )
     return teacher
-
-
-def resolve_dtype(dtype: str, device_type: str) -> str:
-    """``auto`` → bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; others unchanged.
-
-    Raises:
-        ConfigError: not one of :data:`DTYPES`.
-    """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype != "auto":
-        return dtype
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # CPU: exact fp32 by default; 16-bit autocast is faster on some CPUs (bench/precompute.py)
-    # but moves log-probs by ~1e-2, so it is opt-in (--dtype bf16).
-    return "fp32"
 
 
 def weights_digest(folder: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""Byte view of any tokenizer (spec/ALM.md §2).
+"""Byte view of any tokenizer (docs/method.md, "Byte view of a tokenizer").
 
 Every token id gets its exact byte string (its *byte view*), read from the tokenizer's
 model and pipeline, never guessed from a family name:
@@ -6,7 +6,7 @@ model and pipeline, never guessed from a family name:
 * byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM2): invert the GPT-2 byte→unicode map;
 * SentencePiece style (Mistral, Llama-2, Gemma): ``<0xNN>`` → byte NN, ``▁`` → space;
 * WordPiece (BERT style): ``##`` continuation pieces; byte views are per occurrence,
-  taken from the offset mapping (spec §2.1);
+  taken from the offset mapping (docs/method.md, "Byte view of a tokenizer");
 * the built-in ``bytes`` tokenizer: ids 0..255 are the bytes in order, then specials
   (built, like the ``embedded:<name>`` tokenizers, by :mod:`xtd.embedded_tokenizers`).
 
@@ -15,7 +15,7 @@ bytes of the text. The spans are the cumulative byte-view lengths, and the byte 
 are checked (vectorised) to concatenate to exactly the text — otherwise
 :class:`~xtd.errors.ByteIdentityError` names the tokenizer and the first bad byte
 offset. Special tokens have empty byte views (``start == end``). A SentencePiece dummy
-prefix space (spec §3.3) is absorbed into the first token's span, so spans are always
+prefix space (docs/method.md, "Chunks") is absorbed into the first token's span, so spans are always
 offsets into the text itself.
 
 Dimension letters: ``N`` tokens of one text, ``V`` vocabulary entries.
@@ -61,7 +61,7 @@ __all__ = [
 
 BOUNDARY_CLASSES: tuple[str, ...] = ("space", "newline", "tab", "special")
 """Column order of ``boundary_logmass``: the first byte of the next token is 0x20, 0x0A,
-0x09, or the next token is special (spec/ALM.md §1, β)."""
+0x09, or the next token is special (docs/method.md, "Notation", β)."""
 
 
 _BOUNDARY_BYTES = {0x20: 0, 0x0A: 1, 0x09: 2}
@@ -92,7 +92,7 @@ class Encoding:
 
 
 class ByteTokenizer:
-    """A transformers tokenizer plus its exact byte view (spec/ALM.md §2).
+    """A transformers tokenizer plus its exact byte view (docs/method.md, "Byte view of a tokenizer").
 
     Build with :func:`load_tokenizer` or :func:`tokenizer_from_json`.
 
@@ -124,7 +124,7 @@ class ByteTokenizer:
         state = json.loads(text)
         normalizer, stripped = _check_normalizer(state.get("normalizer"), name, allow_strip_unicode_normalizer)
         if stripped:
-            # spec/ALM.md §2.2: removed with a warning only when the user opted in.
+            # docs/method.md, "Byte view of a tokenizer": removed with a warning only when the user opted in.
             warnings.warn(
                 f"tokenizer {name!r}: removed the Unicode normaliser(s) {', '.join(stripped)} "
                 "so that token bytes match the text (allow_strip_unicode_normalizer=True)",
@@ -140,7 +140,7 @@ class ByteTokenizer:
         canonical = json.dumps(state, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         self.digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
         # A private copy that splits special-token strings found inside text as plain text:
-        # text segments never contain slots (spec §2.3); specials come only from templates
+        # text segments never contain slots (docs/method.md, "Byte view of a tokenizer"); specials come only from templates
         # or add_special_tokens.
         self._backend = _backend_from_text(text)
         self._backend.encode_special_tokens = True
@@ -214,7 +214,7 @@ class ByteTokenizer:
         ]
 
     def _spans_checked(self, ids: np.ndarray, tok_offsets: np.ndarray, raw: list[bytes]) -> np.ndarray:
-        """Byte spans from cumulative view lengths, after checking the §2.1 invariant."""
+        """Byte spans from cumulative view lengths, after checking the byte-view invariant."""
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise TokenizerError(f"tokenizer {self.name!r} produced an id outside its vocabulary")
         lens = self._lengths[ids]  # (N_total,)
@@ -225,7 +225,7 @@ class ByteTokenizer:
         flat_views = _gather(self._flat, self._offsets[ids], lens)
         dummy = np.zeros(len(raw), dtype=bool)
         if self._dummy_prefix:
-            # spec §3.3: a SentencePiece dummy prefix adds one leading space that is not in
+            # docs/method.md, "Chunks": a SentencePiece dummy prefix adds one leading space that is not in
             # the text; it belongs to the first token, whose span starts at 0.
             first_byte = np.full(len(raw), -1)
             has = totals > 0
@@ -263,7 +263,7 @@ class ByteTokenizer:
         raise AssertionError("identity check failed but every text matched")  # pragma: no cover
 
     def _wordpiece_encoding(self, text: str, enc: Any, index: int) -> Encoding:
-        """Per-occurrence byte views of WordPiece (spec §2.1): offsets + whitespace before."""
+        """Per-occurrence byte views of WordPiece (docs/method.md, "Byte view of a tokenizer"): offsets + whitespace before."""
         raw = text.encode("utf-8")
         ids = np.asarray(enc.ids, dtype=np.int64)
         if not ids.size:
@@ -313,7 +313,7 @@ class ByteTokenizer:
 
         Raises:
             TokenizerError: unknown class name, or a WordPiece tokenizer (its boundary
-                class is not a property of the vocabulary entry, spec §2.1).
+                class is not a property of the vocabulary entry, docs/method.md, "Byte view of a tokenizer").
         """
         unknown = [c for c in classes if c not in BOUNDARY_CLASSES]
         if unknown:
@@ -347,7 +347,7 @@ def load_tokenizer(spec: Any, *, allow_strip_unicode_normalizer: bool = False) -
             ``<|pad|>``); ``"bytes:<spec>"`` (256 bytes + the specials of ``<spec>``); or
             ``"embedded:<name>"`` with name in :data:`EMBEDDED_TOKENIZERS`.
         allow_strip_unicode_normalizer: remove an NFC/NFKC/... normaliser with a warning
-            instead of refusing the tokenizer (spec §2.2).
+            instead of refusing the tokenizer (docs/method.md, "Byte view of a tokenizer").
 
     Raises:
         TokenizerError: the spec cannot be loaded (the message says what was tried).
@@ -461,7 +461,7 @@ def _guess_special_names(backend: Any) -> dict[str, str | None]:
 
 
 def _check_normalizer(node: dict[str, Any] | None, name: str, allow_strip: bool) -> tuple[dict[str, Any] | None, list[str]]:
-    """Validate a normaliser (spec §2.2); returns (normaliser to use, stripped types)."""
+    """Validate a normaliser (docs/method.md, "Byte view of a tokenizer"); returns (normaliser to use, stripped types)."""
     if node is None:
         return None, []
     kind = node.get("type")

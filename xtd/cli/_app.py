@@ -17,17 +17,18 @@ import functools
 import inspect
 import os
 import sys
-import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 try:  # typer ≥ 0.26 ships its own copy of click
+    import typer._click as click
     from typer._click import exceptions as _click_errors
 except ImportError:  # pragma: no cover - older typer on top of click
+    import click  # type: ignore[no-redef]
     from click import exceptions as _click_errors  # type: ignore[no-redef]
 
 from xtd.console import console, set_progress_enabled, setup_logging
@@ -37,8 +38,8 @@ __all__ = ["app", "command", "fail"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
-_Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and results only; no progress output.")]
+_Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, metavar="", help="More log output (-vv for debug).")]
+_Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="Warnings and results only; no progress output.")]
 
 
 class _Group(TyperGroup):
@@ -91,11 +92,16 @@ def _apply_verbosity(ctx: typer.Context | None, verbose: int, quiet: bool) -> No
 
 
 def _funnel(func: F) -> F:
+    signature = inspect.signature(func, eval_str=True)
+    wants_context = "xtd_context" in signature.parameters  # a generated verb reads its flags' sources
+
     @functools.wraps(func)
     def wrapper(
         *args: Any, xtd_context: typer.Context | None = None, verbose: int = 0, quiet: bool = False, **kwargs: Any
     ) -> Any:
         _apply_verbosity(xtd_context, verbose, quiet)
+        if wants_context:
+            kwargs["xtd_context"] = xtd_context
         try:
             return func(*args, **kwargs)
         except XtdError as exc:
@@ -107,15 +113,15 @@ def _funnel(func: F) -> F:
             raise typer.Exit(code=130) from None
 
     # typer builds the options from the signature: the verb's own, then -v and -q.
-    signature = inspect.signature(func, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "xtd_context"]
     extra = [
         inspect.Parameter("xtd_context", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context),
         inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=0, annotation=_Verbose),
         inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=_Quiet),
     ]
-    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {
-        **typing.get_type_hints(func, include_extras=True),
+        **{p.name: p.annotation for p in own},
         "xtd_context": typer.Context,
         "verbose": _Verbose,
         "quiet": _Quiet,
@@ -133,12 +139,33 @@ def _one_line(exc: XtdError) -> str:
     return text
 
 
+class _Command(TyperCommand):
+    """A verb whose help shows metavars only (``STORE``, ``N``), never typer's ``<str>``/``<bool>``."""
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = _no_type  # type: ignore[method-assign]
+        return params
+
+
+def _no_type(ctx: click.Context) -> None:
+    return None
+
+
 def command(*args: Any, group: typer.Typer | None = None, **kwargs: Any) -> Callable[[F], F]:
     """``@command("name", epilog=EXAMPLES)``: register a verb on :data:`app` (or on the
     sub-command ``group``, e.g. ``xtd hypernet``) behind the error funnel."""
 
     def decorate(func: F) -> F:
-        (group or app).command(*args, **kwargs)(_funnel(func))
+        (group or app).command(*args, cls=_Command, **kwargs)(_funnel(func))
         return func
 
     return decorate

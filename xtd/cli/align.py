@@ -1,20 +1,20 @@
 """``xtd align``: show how two tokenizers chunk a text, or cache a student's alignment.
 
-``--text``/``--input`` print a rich table of chunks (teacher tokens | student tokens |
-bytes) per text, or with ``--json`` one JSON object per text:
-``{"teacher": [{"id", "start", "end"}], "student": [...], "chunks": [{"teacher": [a, b],
-"student": [d, e], "start", "end"}]}`` — token ranges half-open, byte offsets into the
-UTF-8 text (spec/ALM.md §3). ``--cache STORE`` computes the student tokens and chunk ids
-of every document of a teacher store and keeps them under
-``alignments/<student tokenizer digest>/`` so training skips that work.
+``TEXT`` (one text on the command line) or ``--text FILE`` (.txt: one text; .jsonl: field
+``text`` per line, as in ``xtd eval``) print a rich table of chunks (teacher tokens |
+student tokens | bytes) per text. ``--json`` prints one line:
+``{"texts": [{"teacher": [{"id", "start", "end"}], "student": [...], "chunks":
+[{"teacher": [a, b], "student": [d, e], "start", "end"}]}]}`` — token ranges half-open,
+byte offsets into the UTF-8 text. ``--cache STORE`` computes the student tokens and chunk
+ids of every document of a teacher store (:mod:`xtd.alignment_cache`); with ``--json`` it
+prints ``{"store", "documents", "nothing_to_do"}``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -22,90 +22,66 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from xtd.cli._app import command
+from xtd.cli._options import config_command
 from xtd.config import AlignConfig, flag
 from xtd.console import progress_bar, results
-from xtd.data import iter_jsonl
-from xtd.errors import ConfigError, DataError, TokenizerMismatchError
+from xtd.errors import ConfigError
+from xtd.texts import read_texts
+from xtd.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES = """\
-Examples:
+EXAMPLES = """
+[bold]Examples[/]
 
-  xtd align --teacher-tokenizer embedded:llama3 --student-tokenizer bytes --text "Hello world!"
+  xtd align "Hello world!" --teacher-tokenizer embedded:llama3 --student-tokenizer bytes
 
-  xtd align --teacher-tokenizer embedded:smollm2 --student-tokenizer embedded:mistral-v1 --input texts.jsonl --json
+  xtd align --text texts.jsonl --teacher-tokenizer embedded:smollm2 --student-tokenizer embedded:mistral-v1 --json
 
-  xtd align --cache runs/teacher --student-tokenizer embedded:gpt2
+  xtd align --cache runs/teacher.zarr --student-tokenizer embedded:gpt2
 """
 
-_out = results  # stdout: results only (STYLE.md §5)
-_CACHE_BATCH = 64  # documents encoded and aligned per vectorised call
+_out = results  # stdout carries results only
 
 
-@command("align", epilog=EXAMPLES)
+@config_command("align", AlignConfig, epilog=EXAMPLES)
 def align_command(
-    student_tokenizer: Annotated[
-        str, typer.Option("--student-tokenizer", help="HF id or folder, tokenizer.json, 'bytes' or 'embedded:<name>'.")
-    ],
-    teacher_tokenizer: Annotated[
-        str | None,
-        typer.Option("--teacher-tokenizer", help="Same forms; with --cache, defaults to the store's tokenizer."),
-    ] = AlignConfig.teacher_tokenizer,
-    text: Annotated[str | None, typer.Option("--text", help="One text to align.")] = None,
-    input_path: Annotated[
-        Path | None, typer.Option("--input", help="JSON lines file with a 'text' field per line.")
+    config: AlignConfig,
+    literal: Annotated[
+        str | None, typer.Argument(metavar="TEXT", help="One text to align, given on the command line.")
     ] = None,
-    cache: Annotated[
-        str | None, typer.Option("--cache", help="Teacher store: cache the student's alignment of every document.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text on stdout.")] = False,
-    add_special_tokens: Annotated[
-        bool, typer.Option("--add-special-tokens", help="Let each tokenizer add its bos/eos.")
-    ] = AlignConfig.add_special_tokens,
-    allow_strip_unicode_normalizer: Annotated[
-        bool,
-        typer.Option("--allow-strip-unicode-normalizer", help="Remove an NFC/NFKC normaliser instead of refusing."),
-    ] = AlignConfig.allow_strip_unicode_normalizer,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="With --cache: rebuild an existing cached alignment.")
-    ] = AlignConfig.overwrite,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the result as one line of JSON.")] = False,
 ) -> None:
-    """Chunk two tokenizations of the same text (spec/ALM.md §3)."""
-    config = AlignConfig(
-        student_tokenizer=student_tokenizer,
-        teacher_tokenizer=teacher_tokenizer,
-        add_special_tokens=add_special_tokens,
-        allow_strip_unicode_normalizer=allow_strip_unicode_normalizer,
-        overwrite=overwrite,
-    )
-    sources = [name for name, value in (("text", text), ("input", input_path), ("cache", cache)) if value is not None]
+    """Chunk two tokenizations of the same text, or cache a student's alignment in a store."""
+    given = (("TEXT", literal), ("--text", config.text), ("--cache", config.cache))
+    sources = [name for name, value in given if value is not None]
     if len(sources) != 1:
-        given = ", ".join(flag(s) for s in sources) or "none"
-        raise ConfigError(f"give exactly one of --text, --input or --cache (given: {given})")
-    if cache is not None:
+        raise ConfigError(f"give exactly one of TEXT, --text FILE or --cache STORE (given: {', '.join(sources) or 'none'})")
+    if config.cache is not None:
+        from xtd.alignment_cache import cache_alignment  # torch: loaded only when a store is cached
+
+        with progress_bar() as bar:
+            task = bar.add_task("aligning", total=None)
+            count = cache_alignment(config.cache, config, progress=lambda done, total: bar.update(task, completed=done, total=total))
         if as_json:
-            raise ConfigError("--json applies to --text/--input, not to --cache")
-        count = cache_alignment(cache, config)
-        if count is None:
-            _out.print(f"{cache!r} already caches this student tokenizer's alignment; nothing to do", highlight=False)
+            typer.echo(json.dumps({"store": config.cache, "documents": count, "nothing_to_do": count is None}))
+        elif count is None:
+            _out.print(f"{config.cache!r} already caches this student tokenizer's alignment; nothing to do", highlight=False)
         else:
-            _out.print(f"cached the alignment of {count} documents in {cache!r}", highlight=False)
+            _out.print(f"cached the alignment of {count} documents in {config.cache!r}", highlight=False)
         return
     if config.teacher_tokenizer is None:
-        raise ConfigError("--teacher-tokenizer is required with --text or --input")
-    texts = [text] if text is not None else list(_read_jsonl(input_path))  # type: ignore[arg-type]
-    from xtd.tokenization import load_tokenizer
-
-    teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=allow_strip_unicode_normalizer)
-    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=allow_strip_unicode_normalizer)
-    records = align_texts(teacher, student, texts, add_special_tokens=add_special_tokens)
+        raise ConfigError(f"{flag('teacher_tokenizer')} is required with TEXT or {flag('text')}")
+    texts = [literal] if literal is not None else read_texts(config.text)  # type: ignore[arg-type]
+    strip = config.allow_strip_unicode_normalizer
+    teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=strip)
+    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=strip)
+    records = align_texts(teacher, student, texts, add_special_tokens=config.add_special_tokens)
+    if as_json:
+        typer.echo(json.dumps({"texts": records}, ensure_ascii=False))
+        return
     for i, (record, body) in enumerate(zip(records, texts, strict=True)):
-        if as_json:
-            typer.echo(json.dumps(record, ensure_ascii=False))
-        else:
-            _print_table(record, body, teacher, student, title=f"text {i}" if len(texts) > 1 else None)
+        _print_table(record, body, teacher, student, title=f"text {i}" if len(texts) > 1 else None)
 
 
 def align_texts(teacher: Any, student: Any, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[dict[str, Any]]:
@@ -143,15 +119,6 @@ def _tokens(enc: Any) -> list[dict[str, int]]:
     return [{"id": int(i), "start": int(s), "end": int(e)} for i, (s, e) in zip(enc.ids, enc.spans, strict=True)]
 
 
-def _read_jsonl(path: Path) -> Iterator[str]:
-    if not path.is_file():
-        raise DataError(f"--input {str(path)!r} does not exist or is not a file")
-    for line_no, record in iter_jsonl(path, fix="convert it to UTF-8"):
-        if not isinstance(record.get("text"), str):
-            raise DataError(f"{str(path)!r} line {line_no} has no string 'text' field")
-        yield record["text"]
-
-
 def _show(tok: Any, ident: int) -> str:
     if tok.special_mask(np.asarray([ident]))[0]:
         return f"[magenta]{escape(tok.hf.convert_ids_to_tokens(int(ident)))}[/]"
@@ -183,89 +150,3 @@ def _print_table(record: dict[str, Any], text: str, teacher: Any, student: Any, 
         f"student {covered_s}/{len(record['student'])} tokens · {len(raw)} bytes",
         highlight=False,
     )
-
-
-# -- --cache -------------------------------------------------------------------------
-
-
-def cache_alignment(url: str, config: AlignConfig) -> int | None:
-    """Cache the student tokens and chunk ids of every document of the store at ``url``.
-
-    Each document gets ``student_ids`` (S,) int32, ``student_spans`` (S, 2) int32,
-    ``student_chunk`` (S,) int32 and ``teacher_chunk`` (T,) int32 over the whole
-    document, computed as training would on the fly (xtd.batching.build_example): the
-    student mirrors a leading teacher special token (bos) with its own bos, and
-    teacher rows with empty spans (or ``token_slot`` ≠ 0) are slot units.
-
-    A complete cache of this student tokenizer that covers every document is kept
-    (nothing to do) unless ``--overwrite``; one that covers fewer documents (the store was
-    extended since) is rebuilt.
-
-    Returns:
-        The number of documents cached, or None when the cache was already there.
-
-    Raises:
-        TokenizerMismatchError: ``--teacher-tokenizer`` differs from the store's.
-    """
-    from xtd.storage import list_alignments, open_store, read_alignment, write_alignment
-    from xtd.tokenization import load_tokenizer, tokenizer_from_json
-
-    reader = open_store(url)
-    if not reader.tokenizer_json:
-        raise DataError(f"store {url!r} embeds no teacher tokenizer; re-run xtd precompute")
-    teacher = tokenizer_from_json(reader.tokenizer_json, name=f"{url} (teacher)")
-    if config.teacher_tokenizer is not None:
-        given = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=config.allow_strip_unicode_normalizer)
-        if given.digest != teacher.digest:
-            raise TokenizerMismatchError(
-                f"--teacher-tokenizer {config.teacher_tokenizer!r} is not the tokenizer store {url!r} was made "
-                "with; leave --teacher-tokenizer out to use the store's own"
-            )
-    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=config.allow_strip_unicode_normalizer)
-    num_documents = len(reader)
-    overwrite = config.overwrite
-    if not overwrite and student.digest in list_alignments(url):
-        if len(read_alignment(url, student.digest)) == num_documents:
-            return None
-        logger.info("the cached alignment of %r covers fewer documents than the store; rebuilding it", url)
-        overwrite = True
-    attrs = {
-        "student_tokenizer": config.student_tokenizer,
-        "student_digest": student.digest,
-        "teacher_digest": teacher.digest,
-        "chunks": "unconstrained",
-        "config": config.to_dict(),
-    }
-
-    def documents() -> Iterator[dict[str, np.ndarray]]:
-        with progress_bar() as progress:
-            task = progress.add_task("aligning", total=num_documents)
-            for lo in range(0, num_documents, _CACHE_BATCH):
-                docs = [reader[d] for d in range(lo, min(lo + _CACHE_BATCH, num_documents))]
-                yield from _align_documents(docs, student, where=f"store {url!r}, documents from {lo}")
-                progress.update(task, advance=len(docs))
-
-    write_alignment(url, student.digest, documents(), num_documents=num_documents, attrs=attrs, overwrite=overwrite)
-    return num_documents
-
-
-def _align_documents(docs: Sequence[Any], student: Any, *, where: str) -> list[dict[str, np.ndarray]]:
-    from xtd.align import align_many
-    from xtd.batching import alignment_inputs, document_text
-
-    texts = [document_text(doc, where=f"{where}: document {k}") for k, doc in enumerate(docs)]
-    encodings = student.encode_batch(texts)
-    sides = [
-        alignment_inputs(doc, student, enc.ids.astype(np.int32), enc.spans.astype(np.int32))
-        for doc, enc in zip(docs, encodings, strict=True)
-    ]
-    pairs = [(x.teacher_spans, x.student_spans, x.teacher_special, x.student_special) for x in sides]
-    return [
-        {
-            "student_ids": x.student_ids,
-            "student_spans": x.student_spans,
-            "student_chunk": al.student_chunk.astype(np.int32),
-            "teacher_chunk": al.teacher_chunk.astype(np.int32),
-        }
-        for x, al in zip(sides, align_many(pairs), strict=True)
-    ]

@@ -1,7 +1,12 @@
 """``xtd eval``: bits per byte, ensembles and exact match, as a table or JSON.
 
-A thin wrapper: options → :class:`xtd.config.EvalConfig` → :func:`xtd.evaluate.evaluate`.
-Progress goes to stderr; the table (or ``--json``) is the only thing on stdout.
+A thin wrapper: options generated from :class:`xtd.config.EvalConfig` →
+:func:`xtd.evaluate.evaluate`. Progress goes to stderr; the table (or ``--json``) is the
+only thing on stdout. ``--json`` prints one line, the same shape whatever the text:
+``{"results": [row, ...], "config": {...}}``, a row holding ``model``, ``tokenizer`` and,
+when text was scored, ``num_texts``, ``num_bytes``, ``num_tokens``, ``nll_nats``,
+``bits_per_byte``, ``token_perplexity`` (null for NaN), with ``--task`` ``exact_match``,
+``task_examples``, ``task_correct``.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from xtd.cli._app import command
+from xtd.cli._options import config_command
 from xtd.config import EvalConfig
+from xtd.console import console, progress_bar, results
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -87,97 +93,18 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-@command("eval", epilog=EXAMPLES)
+@config_command("eval", EvalConfig, epilog=EXAMPLES)
 def eval_command(
-    model: Annotated[
-        list[str] | None,
-        typer.Option("--model", "-m", help="Model to score (HF id, folder, embedded:smollm2); repeat for one row each."),
-    ] = None,
-    tokenizer: Annotated[
-        list[str] | None,
-        typer.Option(help="Tokenizer override: once for all models, or once per --model (default: each model's own)."),
-    ] = None,
-    text: Annotated[
-        str | None, typer.Option(help="Text to score: .txt (one text) or .jsonl (field 'text' per line).")
-    ] = EvalConfig.text,
-    held_out: Annotated[
-        int | None,
-        typer.Option(help="Score the last N documents of the embedded corpus (default 8 without --text/--task)."),
-    ] = EvalConfig.held_out,
-    ensemble: Annotated[
-        list[str] | None,
-        typer.Option(help="Comma-separated models sharing one tokenizer, scored as an ensemble; repeatable."),
-    ] = None,
-    combine: Annotated[
-        str, typer.Option(help="Ensemble rules, comma-separated: p (mean probability), logp (mean log-prob).")
-    ] = ",".join(EvalConfig.combine),
-    task: Annotated[
-        str | None, typer.Option(help='JSON-lines {"prompt", "answer"} file: exact match of greedy generation.')
-    ] = EvalConfig.task,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per task prompt.")] = EvalConfig.max_new_tokens,
-    max_length: Annotated[int, typer.Option(help="Tokens per scoring window.")] = EvalConfig.max_length,
-    stride: Annotated[
-        int, typer.Option(help="Window advance; every token keeps ≥ max-length − stride tokens of context.")
-    ] = EvalConfig.stride,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = EvalConfig.batch_size,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = EvalConfig.dtype,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = EvalConfig.device,
-    sample_from: Annotated[
-        str | None,
-        typer.Option(help="Teacher to sample from (temperature 1, seeded); its samples are the text to score."),
-    ] = EvalConfig.sample_from,
-    num_samples: Annotated[int, typer.Option(help="Teacher samples to draw.")] = EvalConfig.num_samples,
-    sample_tokens: Annotated[int, typer.Option(help="Token budget per teacher sample.")] = EvalConfig.sample_tokens,
-    sample_seed: Annotated[
-        int, typer.Option(help="Seed: same teacher, prompts and seed give the same samples.")
-    ] = EvalConfig.sample_seed,
-    prompts: Annotated[
-        str | None, typer.Option(help="Prompts the samples continue: .txt (one per line) or .jsonl.")
-    ] = EvalConfig.prompts,
-    samples_out: Annotated[
-        str | None, typer.Option(help="Write the teacher samples here (JSON lines; --text scores it later).")
-    ] = EvalConfig.samples_out,
-    tasks: Annotated[
-        list[str] | None,
-        typer.Option(help="lm-eval tasks, comma-separated or repeated: xtd_next_verse, xtd_next_line (offline), "
-                     "any lm-eval task, or a task YAML file (pip install 'xtd\\[eval]')."),
-    ] = None,
-    task_limit: Annotated[
-        int | None, typer.Option(help="At most this many documents per --tasks task.")
-    ] = EvalConfig.task_limit,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
+    config: EvalConfig,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as one line of JSON.")] = False,
 ) -> None:
     """Bits per byte (tokenizer-independent) and token perplexity of models on held-out text."""
     from transformers.utils import logging as hf_logging
 
-    from xtd.console import console, progress_bar, results
     from xtd.evaluate import evaluate
 
     hf_logging.disable_progress_bar()  # our own bar is the one progress display
 
-    config = EvalConfig(
-        model=tuple(model or ()),
-        tokenizer=tuple(tokenizer or ()),
-        text=text,
-        held_out=held_out,
-        ensemble=tuple(ensemble or ()),
-        combine=tuple(c.strip() for c in combine.split(",") if c.strip()),
-        task=task,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        stride=stride,
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
-        sample_from=sample_from,
-        num_samples=num_samples,
-        sample_tokens=sample_tokens,
-        sample_seed=sample_seed,
-        prompts=prompts,
-        samples_out=samples_out,
-        tasks=tuple(t.strip() for group in tasks or () for t in group.split(",") if t.strip()),
-        task_limit=task_limit,
-    )
     with progress_bar() as bar:
         bars: dict[str, Any] = {}
 
@@ -189,10 +116,8 @@ def eval_command(
         rows = [row.to_dict() for row in evaluate(config, progress=progress)]
     if config.samples_out is not None:
         console.print(f"wrote {config.num_samples} teacher samples of {config.sample_from} to {config.samples_out}")
-    if not rows:
-        return
     if as_json:
         clean = [{k: _finite(v) for k, v in row.items()} for row in rows]
-        typer.echo(json.dumps({"results": clean, "config": config.to_dict()}, indent=2))
-    else:
+        typer.echo(json.dumps({"results": clean, "config": config.to_dict()}))
+    elif rows:
         results.print(_table(rows))

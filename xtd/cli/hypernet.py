@@ -1,4 +1,7 @@
-"""``xtd hypernet``: zero-shot tokenizer transfer with a hypernetwork (logic in :mod:`xtd.hypernet`)."""
+"""``xtd hypernet``: zero-shot tokenizer transfer with a hypernetwork (logic in :mod:`xtd.hypernet`).
+
+``xtd hypernet apply --json`` prints one line: ``{"out", "vocab_size", "counts"}``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,10 @@ from typing import Annotated
 
 import typer
 
-from xtd.cli._app import app, command
-from xtd.hypernet.config import HypernetApplyConfig
+from xtd.cli._app import app
+from xtd.cli._options import config_command
+from xtd.config import HypernetApplyConfig
+from xtd.console import progress_bar, results
 
 group = typer.Typer(
     name="hypernet",
@@ -31,27 +36,10 @@ APPLY_EXAMPLES = """
   xtd eval --model embedded:smollm2 --model runs/zero-shot-gpt2 --held-out 4
 """
 
-_D = HypernetApplyConfig
-
-
-def _default(name: str) -> object:
-    return _D.__dataclass_fields__[name].default
-
-
-@command("apply", group=group, epilog=APPLY_EXAMPLES)
+@config_command("apply", HypernetApplyConfig, group=group, epilog=APPLY_EXAMPLES)
 def apply_command(
-    hypernet: Annotated[str, typer.Option(help="Hypernetwork folder (hypernet.json + hypernet.safetensors).")],
-    tokenizer: Annotated[
-        str, typer.Option(help="Target tokenizer: HF id, folder, tokenizer.json, bytes, embedded:NAME.")
-    ],
-    out: Annotated[str, typer.Option(help="Output folder: a Hugging Face model with the target tokenizer.")],
-    batch_tokens: Annotated[int, typer.Option(help="Target tokens per hypernetwork forward pass.")] = _default(
-        "batch_tokens"
-    ),
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = _default("overwrite"),
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = _default(
-        "device"
-    ),
+    config: HypernetApplyConfig,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as one line of JSON.")] = False,
 ) -> None:
     """Move the hypernetwork's base model to any tokenizer, zero-shot.
 
@@ -60,12 +48,8 @@ def apply_command(
     base model is unchanged. The result loads with AutoModelForCausalLM and
     AutoTokenizer, like the output of xtd train.
     """
-    from xtd.console import progress_bar
     from xtd.hypernet.apply import apply_hypernet
 
-    config = HypernetApplyConfig(
-        hypernet=hypernet, tokenizer=tokenizer, out=out, batch_tokens=batch_tokens, overwrite=overwrite, device=device
-    )
     with progress_bar() as progress:
         task = progress.add_task("embed tokens", total=None)
 
@@ -73,4 +57,11 @@ def apply_command(
             progress.update(task, completed=done, total=total)
 
         result = apply_hypernet(config, progress=report)
-    typer.echo(json.dumps({"out": str(result.out), "vocab_size": result.vocab_size, "counts": result.counts}))
+    summary = {"out": str(result.out), "vocab_size": result.vocab_size, "counts": result.counts}
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        results.print(
+            f"{result.out}: {result.vocab_size:,} tokens, " + ", ".join(f"{k} {v:,}" for k, v in result.counts.items()),
+            highlight=False,
+        )

@@ -2,7 +2,10 @@
 
 Both accept a local folder, a ``.zip`` of a finished store or any fsspec URL. Results go
 to stdout (rich tables, or ``--json``); a path that is no store gives one ``error:``
-line and exit 1.
+line and exit 1. ``--json`` prints one line: for ``inspect`` the store's summary with
+``stored_bytes``, ``arrays`` and a sample ``document``; for ``verify``
+``{"store", "ok", "problems", "documents", "tokens", "files_checked", "complete"}``
+(and, when ``ok`` is false, the ``error:`` line and exit code 1 as without ``--json``).
 """
 
 from __future__ import annotations
@@ -20,31 +23,33 @@ from xtd.cli._app import command, fail
 from xtd.console import results
 from xtd.errors import ConfigError
 
-INSPECT_EXAMPLES = """\
-Examples:
+INSPECT_EXAMPLES = """
+[bold]Examples[/]
 
-  xtd inspect runs/teacher                 # metadata, array sizes, document 0
+  # metadata, array sizes, document 0
+  xtd inspect runs/teacher.zarr
 
-  xtd inspect runs/teacher --doc 12 --rows 60
+  xtd inspect runs/teacher.zarr --doc 12 --rows 60
 
   xtd inspect s3://bucket/teacher.zip --json | jq .arrays
 """
 
-VERIFY_EXAMPLES = """\
-Examples:
+VERIFY_EXAMPLES = """
+[bold]Examples[/]
 
-  xtd verify runs/teacher                  # exit 0 when sound
-
-  xtd verify memory://scratch/teacher
+  # exit 0 when sound
+  xtd verify runs/teacher.zarr
 
   xtd verify teacher.zip || echo "do not train on this store"
+
+  xtd verify runs/teacher.zarr --json | jq .problems
 """
 
 _STORE_ARG = Annotated[
-    str, typer.Argument(help="Store folder, .zip file or fsspec URL (memory://, s3://, ...).")
+    str, typer.Argument(metavar="STORE", help="Store folder, .zip file or fsspec URL (memory://, s3://, ...).")
 ]
 
-_out = results  # stdout: results only (STYLE.md §5)
+_out = results  # stdout carries results only
 
 
 def _fmt_bytes(n: float) -> str:
@@ -81,13 +86,13 @@ def _num(x: float) -> float | None:
 def inspect_store(
     store: _STORE_ARG,
     doc: Annotated[
-        int, typer.Option("--doc", help="Index of the sample document (global order).")
+        int, typer.Option("--doc", metavar="N", help="Index of the sample document (global order).")
     ] = 0,
     rows: Annotated[
-        int, typer.Option("--rows", help="Token rows of the sample document to show.")
+        int, typer.Option("--rows", metavar="N", help="Token rows of the sample document to show.")
     ] = 30,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of tables.")
+        bool, typer.Option("--json", metavar="", help="Print the store's description as one line of JSON.")
     ] = False,
 ) -> None:
     """Show a store's metadata, every array's size and bytes per token, and one document."""
@@ -299,7 +304,10 @@ def _doc_json(doc: Any, index: int, rows: int) -> dict[str, Any]:
 
 
 @command("verify", epilog=VERIFY_EXAMPLES)
-def verify(store: _STORE_ARG) -> None:
+def verify(
+    store: _STORE_ARG,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the report as one line of JSON.")] = False,
+) -> None:
     """Check a store: checksums of every file, schema and version, offsets, spans, values.
 
     Exit 0 when sound; otherwise exit 1 with every problem, each naming its array or file.
@@ -307,6 +315,15 @@ def verify(store: _STORE_ARG) -> None:
     from xtd.storage import verify_store_report
 
     report = verify_store_report(store)
+    if as_json:
+        typer.echo(json.dumps({
+            "store": store, "ok": not report.problems, "problems": report.problems, "documents": report.documents,
+            "tokens": report.tokens, "files_checked": report.files_checked, "complete": report.complete,
+        }))  # fmt: skip
+    if report.problems and as_json:
+        raise fail(escape(f"store {store!r} failed verification: {len(report.problems)} problem(s), first: {report.problems[0]}"))
+    if as_json:
+        return
     if report.problems:
         for problem in report.problems[:50]:
             _out.print(f"problem: {problem}", highlight=False, markup=False)

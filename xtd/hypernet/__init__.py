@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from xtd.hypernet.config import HypernetApplyConfig, HypernetConfig, SamplerConfig
+from xtd.config import HypernetApplyConfig, HypernetConfig, SamplerConfig
 
 _LAZY = {
     "TokenizerSampler": "sampler",

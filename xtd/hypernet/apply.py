@@ -10,16 +10,17 @@ folder with :func:`xtd.student.save_student`, like ``xtd train``'s output.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from xtd.errors import ConfigError
-from xtd.hypernet.config import HypernetApplyConfig
+from xtd.config import HypernetApplyConfig
+from xtd.fvt import is_tied, set_embedding_table
 from xtd.hypernet.decomposition import DECOMPOSITION_RULES
+from xtd.hypernet.model import load_hypernet, read_hypernet_record
+from xtd.runtime import resolve_device
+from xtd.student import Student, check_out_folder, save_student
+from xtd.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def apply_hypernet(
     """Move the hypernetwork's base model to ``config.tokenizer`` zero-shot and save it.
 
     Args:
-        config: the settings (:class:`~xtd.hypernet.config.HypernetApplyConfig`).
+        config: the settings (:class:`~xtd.config.HypernetApplyConfig`).
         progress: called with (tokens embedded, tokens in total).
 
     Returns:
@@ -58,13 +59,9 @@ def apply_hypernet(
         ModelLoadError, TokenizerError: the hypernetwork, base model or tokenizer cannot
             be loaded.
     """
-    from xtd.fvt import is_tied, set_embedding_table
-    from xtd.hypernet.model import load_hypernet, read_hypernet_record
-    from xtd.student import Student, check_out_folder, save_student
-    from xtd.tokenization import load_tokenizer
 
     out = check_out_folder(config.out, overwrite=config.overwrite)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     read_hypernet_record(config.hypernet)  # a wrong folder fails before anything loads
     target = load_tokenizer(config.tokenizer)
     bundle = load_hypernet(config.hypernet)
@@ -87,13 +84,3 @@ def apply_hypernet(
     saved = save_student(student, out, card=card, overwrite=config.overwrite)
     logger.info("moved %s to %s with hypernetwork %s: %s", bundle.base_model, target.name, config.hypernet, counts)
     return ApplyResult(out=saved, vocab_size=target.vocab_size, counts=counts)
-
-
-def _device(spec: str | None) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", spec):
-        raise ConfigError(f"--device must be cpu, cuda, cuda:N or mps, not {spec!r}")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec} was given but no CUDA device is available; use --device cpu")
-    return torch.device(spec)

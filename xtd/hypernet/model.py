@@ -40,10 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from xtd.config import HypernetConfig
 from xtd.errors import ConfigError, ModelLoadError, TokenizerError, TokenizerMismatchError
 from xtd.fvt import EmbeddingLayout, embedding_table
-from xtd.hypernet.config import HypernetConfig
 from xtd.hypernet.decomposition import Decomposer, Decomposition
+from xtd.student import load_causal_lm, model_tokenizer, write_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -235,7 +236,6 @@ def build_hypernet(
         ModelLoadError, TokenizerError: the base model or its tokenizer cannot be loaded.
         ConfigError: an architecture that does not fit the base model.
     """
-    from xtd.student import load_causal_lm, model_tokenizer
 
     spec = _portable_spec(base_model)
     model = load_causal_lm(spec)
@@ -285,7 +285,6 @@ def save_hypernet(
     from safetensors.torch import save_file
 
     from xtd import __version__
-    from xtd.student import write_folder
 
     record = {
         "format": HYPERNET_FORMAT,
@@ -361,7 +360,6 @@ def load_hypernet(folder: str | os.PathLike[str], *, base_model: str | None = No
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from xtd.student import load_causal_lm, model_tokenizer
 
     record = read_hypernet_record(folder)
     config = HypernetConfig.from_dict(record["config"])

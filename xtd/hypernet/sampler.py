@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from xtd.config import SamplerConfig
 from xtd.embedded_tokenizers import bytes_to_unicode, wrap_backend
 from xtd.errors import TokenizerError
-from xtd.hypernet.config import SamplerConfig
 from xtd.tokenization import ByteTokenizer
 
 __all__ = ["SampledTokenizer", "TokenizerSampler", "pretokenize"]
@@ -94,7 +94,7 @@ class TokenizerSampler:
     Args:
         base: the base model's tokenizer; its special tokens (names and bos/eos/pad/unk
             roles) are copied to ids ``0..k-1`` of every sampled tokenizer.
-        config: sizes, noise and window (:class:`~xtd.hypernet.config.SamplerConfig`).
+        config: sizes, noise and window (:class:`~xtd.config.SamplerConfig`).
 
     Example::
 

@@ -1,7 +1,7 @@
 """Losses of xtd: ALM (debiased, boundary-merged), hidden states, SFT, KD, ULD, MinED, GradMag.
 
-Pure torch functions over batch-padded tensors and chunk-index arrays (spec/ALM.md §3.5,
-§4–5): no file access, no models. Every loss takes a ``normalizer`` (a global count over
+Pure torch functions over batch-padded tensors and chunk-index arrays (docs/method.md,
+"Chunks" to "Baselines"): no file access, no models. Every loss takes a ``normalizer`` (a global count over
 the micro-batches and ranks of an optimizer step, from the matching data-only ``count_*``
 function), so summed micro-batch losses equal the loss of the whole global batch.
 
@@ -14,7 +14,7 @@ Typical ALM + SFT step (per micro-batch)::
     sft = sft_loss(logprob, loss_mask, normalizer=n_sft)
 
 Without (B, S, V) logits: the same ℓ^S and σ^S from the final hidden states and the
-output layer, in row slabs (``_fused``; ``xtd.output_layer`` reads both from a model)::
+output layer, in row slabs (``_fused``; ``xtd.model_parts`` reads both from a model)::
 
     logprob, sigma = fused_student_path(hidden, layer, ids, boundary_mask)
 """
@@ -54,7 +54,7 @@ from xtd.losses._fused import (
     fused_output,
     fused_student_path,
 )
-from xtd.losses._gradmag import combine_losses, gradmag_weights, last_block_parameters
+from xtd.losses._gradmag import combine_losses, gradmag_weights
 from xtd.losses._latents import (
     LATENT_KINDS,
     count_scored_chunks,
@@ -87,7 +87,6 @@ __all__ = [
     "gradmag_weights",
     "kd_topk_loss",
     "kd_topk_loss_from_logprob",
-    "last_block_parameters",
     "latents_loss",
     "log1mexp",
     "make_latent_projection",

@@ -2,7 +2,7 @@
 
 Dimension letters: ``B`` batch, ``T`` teacher tokens, ``S`` student tokens, ``C`` chunks
 per example (padded), ``V`` vocabulary. Chunk membership is given by index arrays
-(token → chunk id, −1 for none, spec/ALM.md §3.5); chunk sums use ``index_add`` over
+(token → chunk id, −1 for none, docs/method.md, "Chunks"); chunk sums use ``index_add`` over
 flattened (example, chunk) slots and last rows use ``scatter_reduce(amax)``, so no dense
 [B, L, C] matrix is ever built. All arithmetic runs in float32 (float64 inputs stay
 float64, for ``gradcheck``); log-probabilities are clamped to ``[LOGPROB_FLOOR, 0]``.
@@ -10,15 +10,24 @@ float64, for ``gradcheck``); log-probabilities are clamped to ``[LOGPROB_FLOOR, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from typing import Literal, get_args
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from xtd.config.train import ALM_DISTANCES
 from xtd.errors import ConfigError, DataError
+from xtd.losses._chunks import (
+    LOGPROB_FLOOR,
+    ALMChunks,
+    ALMTargets,
+    alm_chunks,
+    clamp_logprob,
+    count_alm_groups,
+)
 
 __all__ = [
     "ALM_DISTANCES",
@@ -36,23 +45,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LOGPROB_FLOOR = -1.0e4
-"""Lowest log-probability used anywhere: e^-10000 is zero for every purpose, and a finite
-floor keeps −inf inputs (zero mass) from turning 0·∞ into NaN (spec/ALM.md §4.1)."""
-
-Distance = Literal[
-    "binary_ce",
-    "binary_kl",
-    "abs",
-    "abs_exp",
-    "reverse_binary_kl",
-    "binary_kl_temp_limit",
-    "renyi",
-    "joschu_k2",
-    "joschu_k3",
-]
-ALM_DISTANCES: tuple[str, ...] = get_args(Distance)
-"""The ALM distances of :func:`alm_distance`, in the order of the ``Distance`` type."""
+Distance = str
+"""One of :data:`ALM_DISTANCES` (listed with the settings, :mod:`xtd.config.train`)."""
 
 _LN2 = math.log(2.0)
 _CHUNK_ELEMENTS = 1 << 23  # rows × vocab per slab in student_path: 32 MB of fp32 temporaries
@@ -63,13 +57,8 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _clamp_logprob(x: Tensor, dtype: torch.dtype) -> Tensor:
-    # clamp passes gradients at the bounds themselves, so L = 0 keeps its gradient.
-    return x.to(dtype).clamp(LOGPROB_FLOOR, 0.0)
-
-
 def log1mexp(x: Tensor) -> Tensor:
-    """log(1 − eˣ) for x ≤ 0, stable at both ends (spec/ALM.md §4.2 step 7).
+    """log(1 − eˣ) for x ≤ 0, stable at both ends (docs/method.md, "The distance").
 
     Uses ``log1p(−eˣ)`` below −ln 2 and ``log(−expm1(x))`` above. The unused branch is fed
     a harmless value so that neither its value nor its gradient can be NaN.
@@ -91,7 +80,7 @@ def alm_distance(
 ) -> Tensor:
     """Element-wise ALM distance between teacher and student (debiased) chunk log-likelihoods.
 
-    With a = clamp(L̃^T), b = clamp(L̃^S), u = a/τ − ε and v = b/τ − ε (spec/ALM.md §4.2 step 7):
+    With a = clamp(L̃^T), b = clamp(L̃^S), u = a/τ − ε and v = b/τ − ε (docs/method.md, "The distance"):
 
     - ``binary_ce`` (default): −[eᵘ·v + (1 − eᵘ)·log1mexp(v)], the binary cross-entropy between
       Bernoulli(p_T^{1/τ}) and Bernoulli(p_S^{1/τ}); the binary KL plus the teacher's entropy.
@@ -123,8 +112,8 @@ def alm_distance(
     if not tau > 0:
         raise ConfigError(f"ALM temperature tau must be > 0, got {tau!r}")
     dtype = _compute_dtype(teacher_logp, student_logp)
-    a = _clamp_logprob(teacher_logp, dtype)
-    b = _clamp_logprob(student_logp, dtype)
+    a = clamp_logprob(teacher_logp, dtype)
+    b = clamp_logprob(student_logp, dtype)
     if kind == "abs":
         return (a - b).abs()
     if kind == "binary_kl_temp_limit":
@@ -221,7 +210,7 @@ class _StudentPathFn(torch.autograd.Function):
 def student_path(
     logits: Tensor, ids: Tensor, boundary_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The student's realised-token log-probs ℓ^S and boundary log-mass σ^S (spec/ALM.md §4.1).
+    """The student's realised-token log-probs ℓ^S and boundary log-mass σ^S (docs/method.md, "Debiasing").
 
     ℓ^S_r = log softmax(z_{r−1})[s_r] for r ≥ 1 (row 0 = 0), and
     σ^S_r = min(0, LSE(z_r[B_S]) − LSE(z_r)), both clamped to ``[LOGPROB_FLOOR, 0]`` and
@@ -270,231 +259,38 @@ def student_path(
     return logprob, sigma
 
 
-def teacher_sigma(boundary_logmass: Tensor, columns: Tensor | list[int] | None = None) -> Tensor:
-    """σ^T per row: min(0, log Σ_k β^T_{r,k}) over the enabled class columns (spec/ALM.md §4.1).
+def teacher_sigma(boundary_logmass: np.ndarray, columns: Sequence[int] | None = None) -> np.ndarray:
+    """σ^T per row: min(0, log Σ_k β^T_{r,k}) over the enabled class columns (docs/method.md,
+    "Debiasing").
+
+    Computed on the stored arrays in the data path (numpy, in the loader's workers), once
+    per example; the loss reads the result from the batch as ``teacher_sigma``.
 
     Args:
-        boundary_logmass: (B, T, C) stored log-masses per boundary class (float16 is fine).
+        boundary_logmass: (..., C) stored log-masses per boundary class (float16 is fine),
+            −inf where a class has no mass.
         columns: indices of the enabled classes (default: all columns).
 
     Returns:
-        (B, T) float32, −inf-free (clamped to ``LOGPROB_FLOOR``).
+        (...,) float32 in ``[LOGPROB_FLOOR, 0]``: ``LOGPROB_FLOOR`` where every enabled class
+        has zero mass (or none is enabled).
     """
-    x = boundary_logmass.float()
+    x = np.asarray(boundary_logmass, dtype=np.float32)
     if columns is not None:
-        x = x[..., torch.as_tensor(columns, dtype=torch.long, device=x.device)]
-    return (
-        torch.logsumexp(x, dim=-1)
-        .nan_to_num(nan=math.nan, neginf=LOGPROB_FLOOR)
-        .clamp(LOGPROB_FLOOR, 0.0)
-    )
+        x = x[..., list(columns)]
+    if x.shape[-1] == 0:
+        return np.full(x.shape[:-1], LOGPROB_FLOOR, dtype=np.float32)
+    peak = np.max(x, axis=-1)
+    safe = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        out = safe + np.log(np.sum(np.exp(x - safe[..., None]), axis=-1))
+    out = np.where(np.isfinite(peak), out, LOGPROB_FLOOR)  # every class empty: the floor, not NaN
+    return np.clip(out, LOGPROB_FLOOR, 0.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------
-# Chunk structure (data only) and the loss
+# The loss
 # ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ALMTargets:
-    """Teacher data and alignment of one (micro-)batch, as the ALM loss consumes them.
-
-    Attributes:
-        teacher_logprob: (B, T) float, ℓ^T per row (values of rows that are not scored are ignored).
-        teacher_sigma: (B, T) float, σ^T per row (:func:`teacher_sigma`).
-        teacher_chunk: (B, T) int, chunk id per teacher row, −1 = in no chunk (padding too).
-        teacher_scored: (B, T) bool, the teacher loss mask (row ≥ 1 and chunk ≥ 0 are added here).
-        student_chunk: (B, S) int, chunk id per student row, −1 = in no chunk.
-        student_scored: (B, S) bool, the student loss mask.
-    """
-
-    teacher_logprob: Tensor
-    teacher_sigma: Tensor
-    teacher_chunk: Tensor
-    teacher_scored: Tensor
-    student_chunk: Tensor
-    student_scored: Tensor
-
-    def to(self, device: torch.device | str) -> ALMTargets:
-        """A copy with every tensor on ``device``."""
-        return ALMTargets(
-            **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class ALMChunks:
-    """Data-only structure of the chunks and merged groups of one batch.
-
-    Chunk slots are flattened as ``b·C + c``; group slots use the same space (a group is
-    named by the slot ``b·C + g``). Row indices are flattened as ``b·T + r`` / ``b·S + r``.
-    """
-
-    num_chunks: int  # C: chunk slots per example
-    teacher_index: Tensor  # (B·T,) long, chunk slot per row; B·C = none
-    student_index: Tensor  # (B·S,) long
-    teacher_weight: Tensor  # (B·T,) bool, ω^T
-    student_weight: Tensor  # (B·S,) bool, ω^S
-    teacher_count: Tensor  # (B·C,) long, n^T
-    student_count: Tensor  # (B·C,) long, n^S
-    scored: Tensor  # (B·C,) bool
-    partial: Tensor  # (B·C,) bool
-    teacher_first: Tensor  # (B·C,) long flat row of the first teacher row of the chunk, −1 none
-    student_first: Tensor
-    teacher_last: Tensor  # (B·C,) long flat row of λ^T_c, −1 none
-    student_last: Tensor
-    group: Tensor  # (B·C,) long, group slot of each chunk
-    group_last: Tensor  # (B·C,) long, chunk slot of each group's last scored member, −1 none
-    contributes: Tensor  # (B·C,) bool, per group slot
-    dropped: Tensor  # (B·C,) bool, groups lost to a partial member
-
-    @property
-    def num_groups(self) -> Tensor:
-        """0-dim long tensor: contributing groups of this batch."""
-        return self.contributes.sum()
-
-
-def _flat_index(chunk: Tensor, k: int) -> Tensor:
-    bsz, length = chunk.shape
-    base = torch.arange(bsz, device=chunk.device)[:, None] * k
-    return torch.where(chunk >= 0, base + chunk, torch.full_like(chunk, bsz * k)).reshape(-1)
-
-
-def _scatter_rows(index: Tensor, size: int, reduce: str, valid: Tensor) -> Tensor:
-    """Per slot, the amax/amin flat row index of its rows (−1 where it has none)."""
-    rows = torch.arange(index.numel(), device=index.device)
-    if reduce == "amin":
-        init = torch.full((size + 1,), index.numel(), dtype=torch.long, device=index.device)
-        out = init.scatter_reduce(0, torch.where(valid, index, size), rows, "amin")[:size]
-        return torch.where(out == index.numel(), -1, out)
-    init = torch.full((size + 1,), -1, dtype=torch.long, device=index.device)
-    return init.scatter_reduce(0, torch.where(valid, index, size), rows, "amax")[:size]
-
-
-def alm_chunks(
-    targets: ALMTargets, *, merge: bool = True, merge_threshold: float = 0.1
-) -> ALMChunks:
-    """Scored rows, chunk status, last rows and merged groups (spec/ALM.md §4.2 steps 1–5).
-
-    Data only: depends on the alignment, the loss masks and the teacher's σ^T, never on the
-    student, so the trainer can count groups (and all-reduce the count) before the forward.
-
-    Raises:
-        DataError: shapes disagree, a chunk id is out of range, or a scored teacher row (or a
-            chunk's last teacher row) holds NaN.
-    """
-    tc, sc = targets.teacher_chunk.long(), targets.student_chunk.long()
-    if tc.dim() != 2 or sc.dim() != 2 or tc.shape[0] != sc.shape[0]:
-        raise DataError(
-            f"chunk ids must be (B, T) and (B, S) with the same B, got {tuple(tc.shape)} and {tuple(sc.shape)}"
-        )
-    for name in ("teacher_logprob", "teacher_sigma", "teacher_scored"):
-        if getattr(targets, name).shape != tc.shape:
-            raise DataError(
-                f"ALMTargets.{name} has shape {tuple(getattr(targets, name).shape)}, expected {tuple(tc.shape)}"
-            )
-    if targets.student_scored.shape != sc.shape:
-        raise DataError(
-            f"ALMTargets.student_scored has shape {tuple(targets.student_scored.shape)}, expected {tuple(sc.shape)}"
-        )
-    bsz, tlen = tc.shape
-    slen = sc.shape[1]
-    dev = tc.device
-    row_t = torch.arange(tlen, device=dev)[None, :]
-    row_s = torch.arange(slen, device=dev)[None, :]
-    # Step 1: ω = [r ≥ 1] ∧ loss mask ∧ [χ ≥ 0].
-    w_t = targets.teacher_scored.bool() & (tc >= 0) & (row_t >= 1)
-    w_s = targets.student_scored.bool() & (sc >= 0) & (row_s >= 1)
-    # One host sync for the chunk count and the NaN check (both data-only).
-    bad = torch.isnan(targets.teacher_logprob.float()) & w_t
-    bad |= torch.isnan(targets.teacher_sigma.float()) & (tc >= 0)
-    stats = torch.stack(
-        [
-            tc.max() if tc.numel() else torch.tensor(-1, device=dev),
-            sc.max() if sc.numel() else torch.tensor(-1, device=dev),
-            bad.sum(),
-        ]
-    ).tolist()
-    if stats[2]:
-        raise DataError(
-            f"teacher data holds NaN at {int(stats[2])} scored rows or chunk rows; "
-            "the store marks unscored rows with NaN, so check the loss mask and chunk ids"
-        )
-    k = int(max(stats[0], stats[1], 0)) + 1
-    size = bsz * k
-    t_idx, s_idx = _flat_index(tc, k), _flat_index(sc, k)
-    w_t, w_s = w_t.reshape(-1), w_s.reshape(-1)
-    in_t, in_s = t_idx < size, s_idx < size
-
-    def count(idx: Tensor, w: Tensor) -> Tensor:
-        return torch.zeros(size + 1, dtype=torch.long, device=dev).index_add_(0, idx, w.long())[
-            :size
-        ]
-
-    # Step 2–3: counts and status.
-    n_t, n_s = count(t_idx, w_t), count(s_idx, w_s)
-    tot_t, tot_s = count(t_idx, in_t), count(s_idx, in_s)
-    scored = (n_t >= 1) & (n_s >= 1) & (n_t == tot_t) & (n_s == tot_s)
-    void = (n_t == 0) & (n_s == 0)
-    partial = ~scored & ~void
-    # Step 4: last (and first) rows of every chunk, on each side.
-    t_last, s_last = (
-        _scatter_rows(t_idx, size, "amax", in_t),
-        _scatter_rows(s_idx, size, "amax", in_s),
-    )
-    t_first, s_first = (
-        _scatter_rows(t_idx, size, "amin", in_t),
-        _scatter_rows(s_idx, size, "amin", in_s),
-    )
-    slot = torch.arange(size, device=dev)
-    # Step 5: merge_by_space_prob. The teacher alone decides; g(c) = #{c' < c : keep_c'}.
-    if merge:
-        sig_c = _clamp_logprob(targets.teacher_sigma.reshape(-1), torch.float32)[
-            t_last.clamp(min=0)
-        ]
-        keep = ((torch.exp(sig_c) > merge_threshold) & (t_last >= 0)).view(bsz, k).long()
-        g = keep.cumsum(dim=1) - keep
-        group = (torch.arange(bsz, device=dev)[:, None] * k + g).reshape(-1)
-    else:
-        group = slot
-    n_scored = torch.zeros(size, dtype=torch.long, device=dev).index_add_(0, group, scored.long())
-    n_partial = torch.zeros(size, dtype=torch.long, device=dev).index_add_(0, group, partial.long())
-    contributes = (n_scored >= 1) & (n_partial == 0)
-    dropped = n_partial >= 1
-    group_last = torch.full((size,), -1, dtype=torch.long, device=dev).scatter_reduce(
-        0, group, torch.where(scored, slot, -1), "amax"
-    )
-    return ALMChunks(
-        num_chunks=k,
-        teacher_index=t_idx,
-        student_index=s_idx,
-        teacher_weight=w_t,
-        student_weight=w_s,
-        teacher_count=n_t,
-        student_count=n_s,
-        scored=scored,
-        partial=partial,
-        teacher_first=t_first,
-        student_first=s_first,
-        teacher_last=t_last,
-        student_last=s_last,
-        group=group,
-        group_last=group_last,
-        contributes=contributes,
-        dropped=dropped,
-    )
-
-
-def count_alm_groups(
-    targets: ALMTargets, *, merge_threshold: float = 0.1, merge: bool = True
-) -> int:
-    """Number of contributing (merged) groups of a micro-batch: the local share of N_global.
-
-    Data only (spec/ALM.md §4.2 step 8): sum it over the micro-batches of an optimizer step
-    and all-reduce it over ranks *before* the forward passes, then pass the total to
-    :func:`alm_loss` as ``normalizer``.
-    """
-    return int(alm_chunks(targets, merge=merge, merge_threshold=merge_threshold).num_groups)
 
 
 def _chunk_sum(values: Tensor, weight: Tensor, index: Tensor, size: int) -> Tensor:
@@ -516,7 +312,7 @@ def alm_loss(
     normalizer: int | float | Tensor | None = None,
     chunks: ALMChunks | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The ALM loss of one micro-batch (spec/ALM.md §4.2), normalised by N_global.
+    """The ALM loss of one micro-batch (docs/method.md, "Normalisation"), normalised by N_global.
 
     Args:
         student_logprob: (B, S) ℓ^S from :func:`student_path`.
@@ -534,7 +330,7 @@ def alm_loss(
 
     Returns:
         ``(loss, stats)``: a 0-dim float32 loss (0 with zero gradient when nothing
-        contributes) and detached 0-dim logging tensors (spec §4.2 step 9), among them
+        contributes) and detached 0-dim logging tensors (docs/method.md, "Scoring a chunk"), among them
         ``alm_binary_kl`` (normalised like the loss), ``alm_groups`` (local count),
         ``alm_partial_chunks`` and ``alm_dropped_groups``.
 
@@ -545,10 +341,10 @@ def alm_loss(
         chunks = alm_chunks(targets, merge=merge, merge_threshold=merge_threshold)
     dtype = _compute_dtype(student_logprob, student_sigma)
     size = chunks.contributes.numel()
-    lt = _clamp_logprob(targets.teacher_logprob.reshape(-1), dtype)
-    ls = _clamp_logprob(student_logprob.reshape(-1), dtype)
-    st = _clamp_logprob(targets.teacher_sigma.reshape(-1), dtype)
-    ss = _clamp_logprob(student_sigma.reshape(-1), dtype)
+    lt = clamp_logprob(targets.teacher_logprob.reshape(-1), dtype)
+    ls = clamp_logprob(student_logprob.reshape(-1), dtype)
+    st = clamp_logprob(targets.teacher_sigma.reshape(-1), dtype)
+    ss = clamp_logprob(student_sigma.reshape(-1), dtype)
     # Step 2: chunk sums over scored rows (clamped ≤ 0).
     lc_t = _chunk_sum(lt, chunks.teacher_weight, chunks.teacher_index, size)
     lc_s = _chunk_sum(ls, chunks.student_weight, chunks.student_index, size)
@@ -605,7 +401,7 @@ def _alm_stats(
     denom: Tensor,
     local: Tensor,
 ) -> dict[str, Tensor]:
-    """Logging quantities of spec/ALM.md §4.2 step 9 (detached, 0-dim float32)."""
+    """Logging quantities of docs/method.md, "Scoring a chunk" (detached, 0-dim float32)."""
     contrib = chunks.contributes
     scored = chunks.scored
     size = contrib.numel()

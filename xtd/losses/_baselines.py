@@ -1,8 +1,8 @@
-"""Baseline losses: SFT, same-tokenizer top-k KD, ULD and MinED (spec/ALM.md §4.4, §5).
+"""Baseline losses: SFT, same-tokenizer top-k KD, ULD and MinED (docs/method.md, "SFT", "Baselines").
 
 Dimension letters: ``B`` batch, ``T`` teacher rows, ``S`` student rows, ``K`` top-k,
 ``V`` student vocabulary, ``P`` aligned positions. Stored teacher top-k data follow the
-store layout (DESIGN.md §3): row r holds the teacher's next-token distribution *after*
+store layout (docs/format.md): row r holds the teacher's next-token distribution *after*
 token r (top-k ids, their log-probs, and the log of the remaining "tail" mass).
 Every loss returns a sum divided by a global count (``normalizer``), so summing
 micro-batch losses over an optimizer step gives the global-batch loss.
@@ -61,7 +61,7 @@ def count_sft_tokens(loss_mask: Tensor) -> int:
 def sft_loss(
     student_logprob: Tensor, loss_mask: Tensor, *, normalizer: int | float | Tensor | None = None
 ) -> Tensor:
-    """Next-token cross-entropy of the student on its own tokens (spec/ALM.md §4.4).
+    """Next-token cross-entropy of the student on its own tokens (docs/method.md, "SFT").
 
     Teacher data needed: none.
 
@@ -176,7 +176,7 @@ def uld_loss(
     chunks: ALMChunks | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
-    """Universal Logit Distillation over sorted probabilities at aligned positions (spec §5, §9 item 3).
+    """Universal Logit Distillation over sorted probabilities at aligned positions (docs/method.md, "Baselines", "Deviations from the reference implementation").
 
     Teacher data needed: ``topk_logprobs`` and ``tail_logmass`` (ids are not used: ULD
     compares sorted probability vectors, so it works across vocabularies).
@@ -272,7 +272,7 @@ def one_to_one_chunks(chunks: ALMChunks) -> Tensor:
     """(B·C,) bool: scored chunks of exactly one scored token on each side.
 
     Written as the explicit conjunction (n^T = 1) ∧ (n^S = 1) ∧ scored; the reference mixes
-    ``==`` and ``&`` without parentheses and gets a different mask (spec §9 item 2).
+    ``==`` and ``&`` without parentheses and gets a different mask (docs/method.md, "Deviations from the reference implementation").
     """
     return (chunks.teacher_count == 1) & (chunks.student_count == 1) & chunks.scored
 
@@ -305,7 +305,7 @@ def mined_loss(
     chunks: ALMChunks | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
-    """MinED baseline (Wan et al.; spec/ALM.md §5): KL at 1:1 chunks, CE on every other token.
+    """MinED baseline (Wan et al.; docs/method.md, "Baselines"): KL at 1:1 chunks, CE on every other token.
 
     Teacher data needed: ``topk_ids``, ``topk_logprobs`` and ``tail_logmass`` per row, plus
     the student→teacher vocabulary map of :func:`xtd.losses.build_mined_map`.
@@ -326,7 +326,7 @@ def mined_loss(
 
     Every other scored student token gets cross-entropy (the reference's near-one-hot
     target). Sum / (#1:1 chunks + #other tokens), the 1:1 mask computed explicitly
-    (spec §9 item 2).
+    (docs/method.md, "Deviations from the reference implementation").
 
     Args:
         logits: (B, S, V') student logits.

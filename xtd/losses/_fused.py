@@ -49,7 +49,7 @@ and 0.91–0.93× with 1 << 25 (a single slab there) as with 1 << 24."""
 class OutputLayer:
     """A causal LM's output layer as tensors: ``z = softcap(scale · (h Wᵀ + b + s·(h Aᵀ) Bᵀ))``.
 
-    Build it from a model with :func:`xtd.output_layer.output_layer`. The tensors are the
+    Build it from a model with :func:`xtd.model_parts.output_layer`. The tensors are the
     model's own parameters (not copies), so gradients reach them.
 
     Attributes:

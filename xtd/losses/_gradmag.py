@@ -1,4 +1,4 @@
-"""GradMag: weight each loss by the inverse norm of its gradient on the last block (spec/ALM.md §4.5)."""
+"""GradMag: weight each loss by the inverse norm of its gradient on the last block (docs/method.md, "GradMag")."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from xtd.errors import ConfigError
 
-__all__ = ["combine_losses", "gradmag_weights", "last_block_parameters"]
+__all__ = ["combine_losses", "gradmag_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def gradmag_weights(
     eps: float = 1e-8,
     normalize: bool = True,
 ) -> dict[str, Tensor]:
-    """w_i = stopgrad(1 / (‖∂L_i/∂θ_last‖ + eps)), divided by W = Σ_i w_i (spec §4.5 step 1).
+    """w_i = stopgrad(1 / (‖∂L_i/∂θ_last‖ + eps)), divided by W = Σ_i w_i (docs/method.md, "GradMag").
 
     One ``torch.autograd.grad(L_i, params, retain_graph=True)`` per loss; the graph stays
     alive for the single backward of :func:`combine_losses`. Weights are per micro-batch.
@@ -31,7 +31,7 @@ def gradmag_weights(
 
     Args:
         losses: name → 0-dim loss that requires grad.
-        params: the last block's trainable parameters (:func:`last_block_parameters`).
+        params: the last block's trainable parameters (:func:`xtd.model_parts.last_block_parameters`).
         eps: the 1e-8 of the spec.
         normalize: divide by W (``gradmag``, default); False keeps W = 1 (``gradmag_unit``).
 
@@ -63,7 +63,7 @@ def gradmag_weights(
 
 
 def combine_losses(losses: dict[str, Tensor], weights: dict[str, Tensor]) -> Tensor:
-    """Σ_i w_i·L_i: the one loss to call ``backward()`` on (spec §4.5 step 2)."""
+    """Σ_i w_i·L_i: the one loss to call ``backward()`` on (docs/method.md, "GradMag")."""
     terms = [
         weights[name].to(device=loss.device, dtype=loss.dtype) * loss
         for name, loss in losses.items()
@@ -71,41 +71,3 @@ def combine_losses(losses: dict[str, Tensor], weights: dict[str, Tensor]) -> Ten
     if not terms:
         raise ConfigError("combine_losses got no losses")
     return torch.stack(terms).sum()
-
-
-def _homogeneous_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    found = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            kinds = {type(child) for child in mod}
-            if len(kinds) == 1 and any(True for _ in mod.parameters()):
-                found.append((name, mod))
-    return found
-
-
-def last_block_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters (LoRA factors included) of the last transformer block.
-
-    Found structurally, not by name: the shallowest ``nn.ModuleList`` of identical blocks
-    (``model.layers`` of Llama/Qwen/Gemma/Mistral, ``transformer.h`` of GPT-2, also under a
-    PEFT wrapper), longest first on a tie; its last element is the last block. Nested lists
-    such as MoE experts inside a block are deeper and never chosen.
-
-    Raises:
-        ConfigError: no block list, or the last block has no trainable parameters.
-    """
-    found = _homogeneous_lists(model)
-    if not found:
-        raise ConfigError(
-            f"cannot find the transformer blocks of {type(model).__name__} (no nn.ModuleList of "
-            "identical layers); GradMag needs them — turn it off with --no-gradmag"
-        )
-    name, blocks = min(found, key=lambda item: (item[0].count("."), -len(item[1])))
-    params = [p for p in blocks[-1].parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(
-            f"the last transformer block ({name}.{len(blocks) - 1}) of {type(model).__name__} has no "
-            "trainable parameters; GradMag needs some — train LoRA on it or use --no-gradmag"
-        )
-    logger.debug("GradMag uses %d tensors of %s.%d", len(params), name, len(blocks) - 1)
-    return params

@@ -1,4 +1,4 @@
-"""Hidden-state loss at chunk ends (``alm_latents``, spec/ALM.md §4.3).
+"""Hidden-state loss at chunk ends (``alm_latents``, docs/method.md, "Hidden-state loss").
 
 Dimension letters: ``B`` batch, ``T`` teacher rows, ``S`` student rows, ``H`` hidden size.
 """
@@ -26,7 +26,7 @@ def count_scored_chunks(targets: ALMTargets) -> int:
 
 
 def make_latent_projection(student_hidden_size: int, teacher_hidden_size: int) -> nn.Module:
-    """The optional trained map d_S → d_T (``latents_do_project``, off by default, spec §4.3).
+    """The optional trained map d_S → d_T (``latents_do_project``, off by default, docs/method.md, "Hidden-state loss").
 
     A bias-free linear layer; identity-initialised when the sizes agree, so turning it on
     for self-distillation starts from the unprojected loss.
@@ -52,7 +52,7 @@ def latents_loss(
 
     Only *scored* chunks count (every token in the loss mask, row ≥ 1 on both sides), so
     the loss mask applies and the row-0 chunk is excluded (the reference does neither,
-    spec §9 item 5). ``l2_channelwise``:
+    docs/method.md, "Deviations from the reference implementation"). ``l2_channelwise``:
     (1/N)·Σ_c (1/H)·Σ_k (h^S_{c,k} − h^T_{c,k})² / (μ_k + 1e-8), μ_k = mean_c (h^T_{c,k})².
     ``l2`` uses the scalar μ = mean over c and k; ``l1`` / ``l1_channelwise`` use |·| and
     the mean |h^T| in place of the square. μ is taken over this micro-batch's chunks.

@@ -1,6 +1,6 @@
 """The MinED vocabulary map: each student token → the closest teacher token by byte view.
 
-Spec/ALM.md §5 (Wan et al.): a student token maps to the teacher token with identical
+docs/method.md, "Baselines" (Wan et al.): a student token maps to the teacher token with identical
 bytes, else to the teacher token at minimum Levenshtein distance over byte views, ties
 to the smallest teacher id. Computed once per tokenizer pair and cached on disk.
 

@@ -1,7 +1,7 @@
-"""The teacher shard store, format version 1 (DESIGN.md §3, docs/format.md).
+"""The teacher shard store, format version 1 (docs/format.md).
 
 Write with :class:`StoreWriter` (one per rank, one document at a time, crash-safe and
-resumable), read with :func:`open_store` (random access, torch datasets, streaming),
+resumable), read with :func:`open_store` (random access, whole-shard streaming),
 check with :func:`verify_store`. Top-k log-prob codecs live in
 :mod:`xtd.storage.codecs`; cached student alignments in :mod:`xtd.storage.alignments`.
 """

@@ -1,4 +1,4 @@
-"""Schema of the teacher shard store, format version 1 (DESIGN.md §3, docs/format.md).
+"""Schema of the teacher shard store, format version 1 (docs/format.md).
 
 A store is a Zarr v3 group. Its root attribute ``xtd`` describes the whole dataset
 (teacher, tokenizer, settings, the manifest of parts); each writer (one per rank) owns
@@ -58,8 +58,8 @@ FORMAT_NAME = "xtd-teacher-shards"
 FORMAT_VERSION = 1
 CHECKSUM_ALGORITHM = "crc32c"
 
-# Column order of boundary_logmass (spec/ALM.md §6). Kept here rather than imported from
-# xtd.tokenization so that storage depends on nothing above it (DESIGN.md §2).
+# Column order of boundary_logmass (docs/method.md, "What the store holds"). Kept here rather than imported from
+# xtd.tokenization so that storage depends on nothing above it (README, Architecture).
 BOUNDARY_CLASSES: tuple[str, ...] = ("space", "newline", "tab", "special")
 
 ROOT_ATTR = "xtd"

@@ -23,7 +23,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
@@ -45,9 +45,6 @@ from xtd.storage.format import (
     read_root_meta,
 )
 from xtd.storage.integrity import CheckedStore, check_key, check_part_record, decoding
-
-if TYPE_CHECKING:
-    import torch.utils.data
 
 __all__ = ["StoreReader", "open_store", "ArrayStat"]
 
@@ -367,24 +364,6 @@ class StoreReader:
 
     def __iter__(self) -> Iterator[Document]:
         return self.iter_documents()
-
-    def torch_dataset(self) -> torch.utils.data.Dataset:
-        """A map-style torch ``Dataset`` over documents (items are :class:`Document`)."""
-        from xtd.storage.torch_data import DocumentDataset
-
-        return DocumentDataset(self)
-
-    def torch_iterable(
-        self, *, rank: int = 0, world_size: int = 1
-    ) -> torch.utils.data.IterableDataset:
-        """A torch ``IterableDataset`` streaming this rank's contiguous block of documents.
-
-        Within a DataLoader, each worker streams its own contiguous sub-block, so every
-        shard is decoded by one worker only.
-        """
-        from xtd.storage.torch_data import DocumentStream
-
-        return DocumentStream(self, rank=rank, world_size=world_size)
 
     # ----------------------------------------------------------------- sizes
 

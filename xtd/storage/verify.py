@@ -1,6 +1,6 @@
 """``verify_store``: prove a store is sound, or name exactly what is wrong.
 
-Checks, per committed shard of every part (DESIGN.md §3, docs/format.md):
+Checks, per committed shard of every part (docs/format.md):
 
 1. the shard's ``zarr.json`` matches the checksum in its part record, and every file
    the shard lists matches its recorded crc32c and size; no unlisted file is present;

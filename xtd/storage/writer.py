@@ -28,15 +28,13 @@ import numpy as np
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 
-from xtd.errors import ConfigError, DataError, StoreExistsError, StoreFormatError
+from xtd.errors import ConfigError, StoreExistsError, StoreFormatError
 from xtd.outputs import writing
 from xtd.storage.card import write_card
 from xtd.storage.codecs import (
     TOPK_CODECS,
     compressors_for,
-    encode_topk,
     filters_for,
-    pack_topk,
 )
 from xtd.storage.format import (
     BOUNDARY_CLASSES,
@@ -69,6 +67,7 @@ from xtd.storage.identity import (
     is_part_name,
 )
 from xtd.storage.integrity import check_part_record
+from xtd.storage.shards import normalise_document, shard_arrays
 
 __all__ = ["StoreWriter", "DEFAULT_SHARD_TOKENS", "DEFAULT_CHUNK_ROWS", "write_arrays"]
 
@@ -76,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_TOKENS = 1 << 17  # 131,072 rows: a shard file of top-32 q8 is ≈ 4 MB raw
 DEFAULT_CHUNK_ROWS = 2048  # a random 512-token window touches one or two chunks
+
 
 def _xtd_version() -> str:
     try:
@@ -400,69 +400,11 @@ class StoreWriter:
 
     def _normalise(self, doc: Document) -> Document:
         """Validate one document and cast its arrays to the stored dtypes."""
-        where = f"document {doc.doc_index}"
-        n = len(doc.token_ids)
         last = self._buffer[-1].doc_index if self._buffer else self._record["last_doc_index"]
-        if last is not None and doc.doc_index <= last:
-            raise DataError(f"{where}: doc_index must increase within a part (previous was {last})")
-        try:
-            doc.text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: text is not valid UTF-8 at byte {exc.start}") from None
-        c = len(self.boundary_classes)
-
-        def cast(name: str, value: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-            arr = np.asarray(value)
-            if arr.shape != shape:
-                raise DataError(f"{where}: {name} has shape {arr.shape}, expected {shape}")
-            return np.ascontiguousarray(arr, dtype=dtype)
-
-        spans = cast("token_spans", doc.token_spans, np.int32, (n, 2))
-        if n and (
-            spans.min() < 0 or spans.max() > len(doc.text) or np.any(spans[:, 1] < spans[:, 0])
-        ):
-            raise DataError(
-                f"{where}: token_spans fall outside the document's {len(doc.text)} bytes"
-            )
-        out = Document(
-            text=bytes(doc.text),
-            token_ids=cast("token_ids", doc.token_ids, np.int32, (n,)),
-            token_spans=spans,
-            token_logprob=cast("token_logprob", doc.token_logprob, np.float32, (n,)),
-            boundary_logmass=cast("boundary_logmass", doc.boundary_logmass, np.float16, (n, c)),
-            doc_index=int(doc.doc_index),
-        )
-        if self.top_k:
-            k = self.top_k
-            if doc.topk_ids is None or doc.topk_logprobs is None or doc.tail_logmass is None:
-                raise DataError(
-                    f"{where}: the store has top_k={k} but the document has no top-k arrays"
-                )
-            out.topk_ids = cast("topk_ids", doc.topk_ids, np.int32, (n, k))
-            if n and out.topk_ids.min() < 0:
-                raise DataError(f"{where}: topk_ids has negative ids")
-            out.topk_logprobs = encode_topk(
-                cast("topk_logprobs", doc.topk_logprobs, np.float32, (n, k)), self.topk_codec
-            )
-            out.tail_logmass = cast("tail_logmass", doc.tail_logmass, np.float32, (n,))
-        if self.hidden_size:
-            if doc.hidden is None:
-                raise DataError(
-                    f"{where}: the store has hidden_size={self.hidden_size} but the document has no hidden"
-                )
-            out.hidden = cast("hidden", doc.hidden, np.float16, (n, self.hidden_size))
-        if doc.token_slot is not None:
-            out.token_slot = cast("token_slot", doc.token_slot, np.int8, (n,))
-        if doc.loss_spans is not None:
-            ls = np.asarray(doc.loss_spans, dtype=np.int64).reshape(-1, 2)
-            if len(ls) and (
-                ls.min() < 0 or ls.max() > len(doc.text) or np.any(ls[:, 1] < ls[:, 0])
-            ):
-                raise DataError(
-                    f"{where}: loss_spans fall outside the document's {len(doc.text)} bytes"
-                )
-            out.loss_spans = ls
-        return out
+        return normalise_document(
+            doc, last_doc_index=last, num_classes=len(self.boundary_classes), top_k=self.top_k,
+            topk_codec=self.topk_codec, hidden_size=self.hidden_size,
+        )  # fmt: skip
 
     def _flush(self) -> None:
         """Write the buffer as the next shard, then commit it in the part record."""
@@ -472,7 +414,7 @@ class StoreWriter:
         optional = [
             n for n in ("token_slot", "loss_spans") if any(getattr(d, n) is not None for d in docs)
         ]
-        arrays = _concatenate(docs, self.top_k, self.topk_codec, self.hidden_size, optional)
+        arrays = shard_arrays(docs, self.top_k, self.topk_codec, self.hidden_size, optional)
         name = shard_name(len(self._record["shards"]))
         path = f"{self._part}/{name}"
         files = write_arrays(self._store, path, arrays, chunk_rows=self.chunk_rows)
@@ -581,49 +523,3 @@ def _check_args(
         raise ConfigError(
             f"shard_tokens ({shard_tokens}) and chunk_rows ({chunk_rows}) must be positive"
         )
-
-
-def _concatenate(
-    docs: list[Document],
-    top_k: int,
-    topk_codec: str,
-    hidden_size: int | None,
-    optional: list[str],
-) -> dict[str, np.ndarray]:
-    """CSR arrays of one shard from its documents (already normalised)."""
-    tok_counts = np.array([d.num_tokens for d in docs], dtype=np.int64)
-    byte_counts = np.array([len(d.text) for d in docs], dtype=np.int64)
-    out: dict[str, np.ndarray] = {
-        "doc_index": np.array([d.doc_index for d in docs], dtype=np.int64),
-        "doc_token_offsets": np.concatenate([[0], np.cumsum(tok_counts)]).astype(np.int64),
-        "doc_byte_offsets": np.concatenate([[0], np.cumsum(byte_counts)]).astype(np.int64),
-        "text": np.frombuffer(b"".join(d.text for d in docs), dtype=np.uint8).copy(),
-    }
-    names = ["token_ids", "token_spans", "token_logprob", "boundary_logmass"]
-    if top_k:
-        names += ["topk_ids", "topk_logprobs", "tail_logmass"]
-    if hidden_size:
-        names.append("hidden")
-    for name in names:
-        out[name] = np.concatenate([getattr(d, name) for d in docs], axis=0)
-    if top_k:
-        # The id table is per shard, so the row layout is made here, not per document.
-        out.update(pack_topk(out.pop("topk_ids"), out.pop("topk_logprobs"), topk_codec))
-    if "token_slot" in optional:
-        # A document without slots in a shard with chat documents is ordinary text: 0.
-        out["token_slot"] = np.concatenate(
-            [
-                d.token_slot if d.token_slot is not None else np.zeros(d.num_tokens, np.int8)
-                for d in docs
-            ]
-        )
-    if "loss_spans" in optional:
-        # None means "train on every byte", which is the span [0, len(text)).
-        spans = [
-            d.loss_spans if d.loss_spans is not None else np.array([[0, len(d.text)]], np.int64)
-            for d in docs
-        ]
-        counts = np.array([len(x) for x in spans], dtype=np.int64)
-        out["loss_span_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        out["loss_spans"] = np.concatenate(spans, axis=0).astype(np.int64).reshape(-1, 2)
-    return out

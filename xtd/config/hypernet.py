@@ -1,15 +1,11 @@
-"""Settings of the hypernetwork pieces: the tokenizer sampler, the architecture, ``apply``.
-
-Frozen dataclasses on :class:`xtd.config.ConfigBase` (dict/JSON round trip, every
-unknown key reported at once); ``__post_init__`` names the flag of a bad value. They
-live here until ``xtd hypernet train`` joins the shared training configuration.
-"""
+"""Settings of the hypernetwork pieces (:mod:`xtd.hypernet`): the tokenizer sampler, the
+architecture, and ``xtd hypernet apply``."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from xtd.config import ConfigBase, flag
+from xtd.config._base import ConfigBase, device_problem, flag, option
 from xtd.errors import ConfigError
 
 __all__ = ["SamplerConfig", "HypernetConfig", "HypernetApplyConfig", "RESIDUALS"]
@@ -36,26 +32,15 @@ class SamplerConfig(ConfigBase):
     by frequency × length in bytes with log-normal noise (docs/method.md, "Hypernetworks").
     """
 
-    vocab_size_mean: int = 32768
-    """Mean of the vocabulary size (specials, bytes and whitespace runs included)."""
-    vocab_size_std: int = 8192
-    """Standard deviation of the vocabulary size (0: always the mean)."""
-    vocab_size_min: int = 1024
-    """Smallest vocabulary drawn."""
-    vocab_size_max: int = 49152
-    """Largest vocabulary drawn."""
-    max_piece_bytes: int = 16
-    """Longest learned piece, in bytes."""
-    max_whitespace_run: int = 16
-    """Runs of 2..N spaces, tabs and newlines are always in the vocabulary."""
-    noise_median: float = 0.3
-    """Median σ of the per-piece noise σ·ε added to log(frequency × length); σ itself is
-    drawn log-normally per tokenizer, so some tokenizers are nearly frequency-ranked and
-    others far from it."""
-    noise_spread: float = 1.0
-    """Standard deviation of log σ (0: every tokenizer has σ = noise_median)."""
-    window_batches: int = 64
-    """Substring statistics cover the pretokens of this many most recent batches."""
+    vocab_size_mean: int = option(32768, metavar="N", help="Mean of the vocabulary size (specials, bytes and whitespace runs included).")
+    vocab_size_std: int = option(8192, metavar="N", help="Standard deviation of the vocabulary size (0: always the mean).")
+    vocab_size_min: int = option(1024, metavar="N", help="Smallest vocabulary drawn.")
+    vocab_size_max: int = option(49152, metavar="N", help="Largest vocabulary drawn.")
+    max_piece_bytes: int = option(16, metavar="N", help="Longest learned piece, in bytes.")
+    max_whitespace_run: int = option(16, metavar="N", help="Runs of 2..N spaces, tabs and newlines are always in the vocabulary.")
+    noise_median: float = option(0.3, metavar="X", help="Median σ of the per-piece noise σ·ε added to log(frequency × length); σ itself is drawn log-normally per tokenizer, so some tokenizers are nearly frequency-ranked and others far from it.")
+    noise_spread: float = option(1.0, metavar="X", help="Standard deviation of log σ (0: every tokenizer has σ = noise_median).")
+    window_batches: int = option(64, metavar="N", help="Substring statistics cover the pretokens of this many most recent batches.")
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size_mean", "vocab_size_min", "vocab_size_max", "max_piece_bytes", "window_batches")
@@ -84,19 +69,12 @@ class HypernetConfig(ConfigBase):
     its first position, projected, is added to the residual (docs/method.md, "Hypernetworks").
     """
 
-    max_pieces: int = 8
-    """Pieces per token fed to the hypernetwork (longer decompositions are cut)."""
-    num_layers: int = 3
-    """Transformer layers."""
-    num_heads: int = 16
-    """Attention heads (must divide the model width)."""
-    model_dim: int | None = None
-    """Transformer width; default: the width of a token's embedding row (H tied, 2H untied)."""
-    ffn_multiplier: int = 2
-    """Feed-forward width = ffn_multiplier × model width."""
-    residual: str = "first"
-    """``first`` (E = E_in[0] + H(E_in), as ZeTT) or ``mean`` (E = mean(E_in) + H(E_in),
-    which starts at FVT)."""
+    max_pieces: int = option(8, metavar="N", help="Pieces per token fed to the hypernetwork (longer decompositions are cut).")
+    num_layers: int = option(3, metavar="N", help="Transformer layers.")
+    num_heads: int = option(16, metavar="N", help="Attention heads (must divide the model width).")
+    model_dim: int | None = option(None, metavar="N", help="Transformer width; default: the width of a token's embedding row (H tied, 2H untied).")
+    ffn_multiplier: int = option(2, metavar="N", help="Feed-forward width = ffn_multiplier × model width.")
+    residual: str = option("first", help="first (E = E_in[0] + H(E_in), as ZeTT) or mean (E = mean(E_in) + H(E_in), which starts at FVT).")
 
     def __post_init__(self) -> None:
         _positive(self, "max_pieces", "num_layers", "num_heads", "model_dim", "ffn_multiplier")
@@ -110,21 +88,17 @@ class HypernetConfig(ConfigBase):
 class HypernetApplyConfig(ConfigBase):
     """Settings of ``xtd hypernet apply``: zero-shot transfer of the base model to a tokenizer."""
 
-    hypernet: str
-    """Folder written by :func:`~xtd.hypernet.model.save_hypernet` (or ``xtd hypernet train``)."""
-    tokenizer: str
-    """Target tokenizer: HF id or folder, tokenizer.json, ``bytes``, ``embedded:<name>``."""
-    out: str
-    """Output folder: a Hugging Face model that AutoModelForCausalLM / AutoTokenizer load."""
-    batch_tokens: int = 4096
-    """Target tokens per hypernetwork forward pass (bounds memory)."""
-    overwrite: bool = False
-    """Replace a non-empty ``--out``."""
-    device: str | None = None
-    """cpu, cuda or cuda:N (default: CUDA when present)."""
+    hypernet: str = option(metavar="DIR", help="Folder written by :func:`~xtd.hypernet.model.save_hypernet` (or xtd hypernet train).")
+    tokenizer: str = option(metavar="TOKENIZER", help="Target tokenizer: HF id or folder, tokenizer.json, bytes, embedded:<name>.")
+    out: str = option(short="-o", metavar="DIR", help="Output folder: a Hugging Face model that AutoModelForCausalLM / AutoTokenizer load.")
+    batch_tokens: int = option(4096, metavar="N", help="Target tokens per hypernetwork forward pass (bounds memory).")
+    overwrite: bool = option(False, help="Replace a non-empty --out.")
+    device: str = option("auto", metavar="DEVICE", help="cpu, cuda, cuda:N; auto = CUDA when present.")
 
     def __post_init__(self) -> None:
         _positive(self, "batch_tokens")
         for name in ("hypernet", "tokenizer", "out"):
             if not str(getattr(self, name)).strip():
                 raise ConfigError(f"{flag(name)} must not be empty")
+        for problem in device_problem(self.device):
+            raise ConfigError(problem)

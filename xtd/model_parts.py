@@ -1,6 +1,14 @@
-"""A causal LM's output layer as tensors, and its final hidden states without the lm_head.
+"""What xtd finds inside a causal LM, structurally: its decoder blocks, its output layer as
+tensors, and its final hidden states without the lm_head.
 
-The fused losses (:func:`xtd.losses.fused_output`) take the student's final hidden states
+**Decoder blocks.** :func:`decoder_blocks` is the one rule for "the transformer blocks"
+(LoRA puts its adapters on the linears inside them; GradMag measures gradients on the
+last of them): the largest ``nn.ModuleList`` — by parameter count — of modules of one
+type that hold linear layers (``nn.Linear`` or GPT-2's ``Conv1D``). That is
+``model.layers`` of Llama/Qwen/Gemma/Mistral and ``transformer.h`` of GPT-2, also under a
+peft wrapper; lists inside a block (MoE experts) are smaller and never chosen.
+
+**Output layer.** The fused losses (:func:`xtd.losses.fused_output`) take the student's final hidden states
 and its output layer instead of its logits, so a training forward must skip the model's
 own ``lm_head`` (which would build the (B, S, V) logits). For every Hugging Face causal LM
 the logits are ``lm_head(decoder(x))``, sometimes followed by a scale or a soft-cap:
@@ -20,15 +28,62 @@ Dimension letters: ``B`` batch, ``S`` tokens, ``H`` hidden size, ``V'`` output c
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from xtd.errors import ConfigError
 from xtd.losses import OutputLayer
 
-__all__ = ["check_output_layer", "final_hidden_states", "output_layer"]
+__all__ = ["check_output_layer", "decoder_blocks", "final_hidden_states", "last_block_parameters", "output_layer"]
+
+logger = logging.getLogger(__name__)
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+"""The linear layers of a transformer: torch's, and GPT-2's ``Conv1D`` (a transposed one)."""
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """``(name, blocks)`` of the model's decoder blocks (module docstring), or None."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1 or isinstance(module[0], LINEAR_TYPES):
+            continue
+        if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def last_block_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters (LoRA factors included) of the last decoder block: where
+    GradMag measures each loss's gradient (docs/method.md, "GradMag").
+
+    Raises:
+        ConfigError: no decoder blocks, or the last block has no trainable parameters.
+    """
+    found = decoder_blocks(model)
+    if found is None:
+        raise ConfigError(
+            f"cannot find the transformer blocks of {type(model).__name__} (no nn.ModuleList of "
+            "identical layers with linears); GradMag needs them — turn it off with --no-gradmag"
+        )
+    name, blocks = found
+    params = [p for p in blocks[-1].parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(
+            f"the last transformer block ({name}.{len(blocks) - 1}) of {type(model).__name__} has no "
+            "trainable parameters; GradMag needs some — train LoRA on it or use --no-gradmag"
+        )
+    logger.debug("GradMag uses %d tensors of %s.%d", len(params), name, len(blocks) - 1)
+    return params
 
 
 def _hf_model(model: nn.Module) -> nn.Module:

@@ -1,5 +1,6 @@
-"""The training data pipeline (xtd/batching.py): pure helpers against slow references,
-the step plan, and the store → micro-batch path on a tiny real store."""
+"""The training data path (xtd/data_plan.py, xtd/examples.py, xtd/train_data.py): pure
+helpers against slow references, the step plan, and the store → micro-batch path on a tiny
+real store."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from xtd.batching import StepPlan, pad_examples, teacher_sigma, token_loss_mask, truncate_example
+from xtd.config import ALMSettings, DataSettings
+from xtd.data_plan import Pieces, StepPlan, document_piece, estimate_piece_rows, read_piece
 from xtd.errors import ConfigError, DataError
+from xtd.examples import pad_examples, token_loss_mask, truncate_example
+from xtd.losses import LOGPROB_FLOOR, teacher_sigma
+from xtd.losses.registry import loss_specs
+from xtd.train_data import StepDataset, TrainData
 
 # ----------------------------------------------------------------------------- references
 
@@ -58,14 +64,14 @@ def test_teacher_sigma_matches_reference(seed: int) -> None:
     got = teacher_sigma(logmass, columns)
     want = _sigma_ref(logmass, columns)
     assert got.dtype == np.float32 and got.shape == (n,)
-    assert np.array_equal(np.isneginf(got), np.isneginf(want))
+    assert np.array_equal(got == LOGPROB_FLOOR, np.isneginf(want))  # no mass: the floor, never −inf
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-6)
     assert np.all(got <= 0)
 
 
 def test_teacher_sigma_clamps_at_zero_and_handles_empty() -> None:
-    # Masses that sum past 1 (fp16 rounding) still give σ ≤ 0 (spec §4.1 min(0, ·)).
+    # Masses that sum past 1 (fp16 rounding) still give σ ≤ 0 (docs/method.md, "Debiasing": min(0, ·)).
     assert teacher_sigma(np.array([[math.log(0.6), math.log(0.6), -np.inf, -np.inf]], np.float32), [0, 1])[0] == 0.0
     assert teacher_sigma(np.zeros((0, 4), np.float16), [0, 1, 2, 3]).shape == (0,)
 
@@ -199,7 +205,6 @@ def test_step_plan_rejects_bad_sizes() -> None:
 
 @pytest.mark.parametrize("max_rows", [1, 3, 7, 50])
 def test_pieces_cover_every_row_once_and_keep_short_documents_whole(max_rows: int) -> None:
-    from xtd.batching import Pieces
 
     rows = [0, 1, 5, 7, 8, 23, 50, 51]
     pieces = Pieces.of(rows, max_rows)
@@ -238,25 +243,22 @@ def store(tmp_path_factory: pytest.TempPathFactory, tiny_lm) -> object:
     return make_tiny_store(tmp_path_factory.mktemp("batching"), tiny_lm, _texts())
 
 
-def _spec(store, tok, **kwargs):
-    from xtd.batching import DataSpec
-
+def _spec(store, tok, *, max_student_length=16, micro_batch_tokens=None, losses=("alm", "sft"), **kwargs):
     base = dict(
         stores=(str(store),),
         student_tokenizer=tok,
         plan=StepPlan((len(_texts()),), batch_size=6, seed=1),
         micro_batch_size=4,
-        max_student_length=16,
-        max_teacher_length=None,
-        boundary_classes=("space", "newline", "tab", "special"),
+        data=DataSettings(batch_size=6, max_student_length=max_student_length, micro_batch_tokens=micro_batch_tokens),
+        alm=ALMSettings(),
+        losses=loss_specs(losses),
     )
     base.update(kwargs)
-    return DataSpec(**base)
+    return TrainData(**base)
 
 
 def test_examples_cover_identical_bytes_per_chunk(store, tok_b_path) -> None:
-    # Every chunk covers the same bytes on both sides (spec §3.1), after truncation.
-    from xtd.batching import StepDataset
+    # Every chunk covers the same bytes on both sides (docs/method.md, "Chunks"), after truncation.
     from xtd.storage import open_store
     from xtd.tokenization import load_tokenizer
 
@@ -285,7 +287,6 @@ def test_examples_cover_identical_bytes_per_chunk(store, tok_b_path) -> None:
 
 
 def test_step_items_sort_by_length_and_count_normalisers(store, tok_b_path) -> None:
-    from xtd.batching import StepDataset
     from xtd.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tok_b_path))
@@ -317,13 +318,13 @@ def _pack_reference(lengths, max_texts, max_tokens):
 
 @pytest.mark.parametrize("seed", range(30))
 def test_pack_micro_batches_matches_reference_and_budget(seed: int) -> None:
-    from xtd.batching import pack_micro_batches
+    from xtd.packing import pack_longest_first
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 60, size=int(rng.integers(1, 25))).tolist()
     max_texts = int(rng.integers(1, 10))
     max_tokens = None if seed % 5 == 0 else int(rng.integers(10, 200))
-    groups = pack_micro_batches(lengths, max_texts, max_tokens)
+    groups = pack_longest_first(lengths, max_items=max_texts, max_tokens=max_tokens)
     assert groups == _pack_reference(lengths, max_texts, max_tokens)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:
@@ -333,7 +334,6 @@ def test_pack_micro_batches_matches_reference_and_budget(seed: int) -> None:
 
 
 def test_token_budget_micro_batches_in_a_step(store, tok_b_path) -> None:
-    from xtd.batching import StepDataset
     from xtd.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tok_b_path))
@@ -353,7 +353,6 @@ def test_alignment_cache_gives_the_same_examples(store, tok_b_path, tmp_path) ->
 
     from typer.testing import CliRunner
 
-    from xtd.batching import StepDataset
     from xtd.cli import app
     from xtd.storage import list_alignments
     from xtd.tokenization import load_tokenizer
@@ -374,7 +373,6 @@ def test_alignment_cache_gives_the_same_examples(store, tok_b_path, tmp_path) ->
 
 
 def test_dataloader_workers_give_the_same_steps(store, tok_b_path) -> None:
-    from xtd.batching import StepDataset
     from xtd.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tok_b_path))
@@ -391,7 +389,6 @@ def test_dataloader_workers_give_the_same_steps(store, tok_b_path) -> None:
 
 def test_long_documents_become_pieces_that_tile_them(store, tok_b_path) -> None:
     """Every piece is a text of its own: together they cover the document's rows and bytes once."""
-    from xtd.batching import Pieces, StepDataset, estimate_piece_rows, read_piece
     from xtd.storage import open_store
     from xtd.tokenization import load_tokenizer
 
@@ -432,7 +429,6 @@ def test_long_documents_become_pieces_that_tile_them(store, tok_b_path) -> None:
 
 
 def test_document_piece_shifts_spans_and_clips_loss_spans() -> None:
-    from xtd.batching import document_piece
     from xtd.storage import Document
 
     text = b"hello brave new world"

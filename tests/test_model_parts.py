@@ -1,4 +1,4 @@
-"""xtd.output_layer on tiny real transformers models (Llama, GPT-2, Qwen2 with a padded
+"""xtd.model_parts on tiny real transformers models (Llama, GPT-2, Qwen2 with a padded
 vocabulary, Gemma 2's soft-cap, Granite's logit scaling, a peft LoRA head): the decoder's
 hidden states and the read-out layer reproduce the model's logits, and ALM+SFT through
 the fused path gives the materialised path's loss and gradients for every parameter."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_losses import random_batch
+from torch import nn
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -23,7 +24,7 @@ from transformers import (
 
 from xtd.errors import ConfigError
 from xtd.losses import alm_loss, fused_student_path, sft_loss, student_path
-from xtd.output_layer import check_output_layer, final_hidden_states, output_layer
+from xtd.model_parts import check_output_layer, final_hidden_states, output_layer
 
 WIDTH = 64  # output columns of every tiny model
 LAYERS = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -147,3 +148,31 @@ def test_layers_the_fused_path_cannot_express():
         output_layer(dropout)
     dropout.eval()
     assert output_layer(dropout).lora_a is not None  # no dropout at evaluation
+
+
+def test_lora_and_gradmag_find_the_same_blocks_on_an_unusual_model() -> None:
+    """One rule for "the decoder blocks": a shallow list of small helper layers beside the
+    real blocks (where the shallowest-list rule GradMag once used picked the helpers), and
+    expert lists inside each block, never win against the blocks themselves."""
+    from xtd.model_parts import decoder_blocks, last_block_parameters
+    from xtd.student import find_lora_targets
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.Linear(16, 16)
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)) for _ in range(4))
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.adapters = nn.ModuleList(nn.Sequential(nn.Linear(16, 2)) for _ in range(6))  # shallow, small
+            self.decoder = nn.Module()
+            self.decoder.layers = nn.ModuleList(Block() for _ in range(3))
+
+    model = Odd()
+    name, blocks = decoder_blocks(model)
+    assert name == "decoder.layers" and blocks is model.decoder.layers
+    assert {id(p) for p in last_block_parameters(model)} == {id(p) for p in model.decoder.layers[2].parameters()}
+    targets = find_lora_targets(model)
+    assert targets and all(t.startswith("decoder.layers.") for t in targets)
