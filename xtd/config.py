@@ -515,9 +515,15 @@ class AlignConfig(ConfigBase):
     """Remove an NFC/NFKC normaliser (with a warning) instead of refusing the tokenizer."""
     overwrite: bool = False
     """With --cache: replace an existing cached alignment for this student tokenizer."""
+    report: bool = False
+    """Audit the pair over a corpus (chunks, digits, numbers, merged groups) instead of listing chunks."""
+    merge_threshold: float = 0.1
+    """γ of the --report merge statistics: chunks merge until the teacher's boundary probability exceeds it."""
 
     def __post_init__(self) -> None:
         if not self.student_tokenizer:
             raise ConfigError(f"{flag('student_tokenizer')} must name a tokenizer")
+        if not 0.0 <= self.merge_threshold < 1.0:
+            raise ConfigError(f"{flag('merge_threshold')} ({self.merge_threshold}) must be in [0, 1)")
         if self.teacher_tokenizer == "":
             raise ConfigError(f"{flag('teacher_tokenizer')} must name a tokenizer")

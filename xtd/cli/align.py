@@ -7,6 +7,11 @@ bytes) per text, or with ``--json`` one JSON object per text:
 UTF-8 text (spec/ALM.md §3). ``--cache STORE`` computes the student tokens and chunk ids
 of every document of a teacher store and keeps them under
 ``alignments/<student tokenizer digest>/`` so training skips that work.
+
+``--report`` audits the pair over a whole corpus instead (xtd.align_report): chunk
+counts and lengths, digit bytes in multi-token chunks, numbers split at different
+places and, over a teacher store (``--store``), the groups that merging under γ makes;
+a table, or one JSON object with ``--json``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ Examples:
   xtd align --teacher-tokenizer embedded:smollm2 --student-tokenizer embedded:mistral-v1 --input texts.jsonl --json
 
   xtd align --cache runs/teacher --student-tokenizer embedded:gpt2
+
+  xtd align --report --store runs/maths/teacher.zarr --student-tokenizer embedded:gpt2 --json
 """
 
 _out = results  # stdout: results only (STYLE.md §5)
@@ -68,6 +75,17 @@ def align_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="With --cache: rebuild an existing cached alignment.")
     ] = AlignConfig.overwrite,
+    report: Annotated[
+        bool,
+        typer.Option("--report", help="Audit the pair over the whole corpus: chunks, digits, numbers, merged groups."),
+    ] = AlignConfig.report,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", help="With --report: a teacher store as the corpus (adds the merge statistics)."),
+    ] = None,
+    merge_threshold: Annotated[
+        float, typer.Option("--merge-threshold", help="With --report --store: γ of the merge statistics.")
+    ] = AlignConfig.merge_threshold,
 ) -> None:
     """Chunk two tokenizations of the same text (spec/ALM.md §3)."""
     config = AlignConfig(
@@ -76,7 +94,14 @@ def align_command(
         add_special_tokens=add_special_tokens,
         allow_strip_unicode_normalizer=allow_strip_unicode_normalizer,
         overwrite=overwrite,
+        report=report,
+        merge_threshold=merge_threshold,
     )
+    if report:
+        _report_command(config, text=text, input_path=input_path, store=store, cache=cache, as_json=as_json)
+        return
+    if store is not None:
+        raise ConfigError("--store is the corpus of --report; to cache alignments in a store pass --cache")
     sources = [name for name, value in (("text", text), ("input", input_path), ("cache", cache)) if value is not None]
     if len(sources) != 1:
         given = ", ".join(flag(s) for s in sources) or "none"
@@ -177,6 +202,126 @@ def _print_table(record: dict[str, Any], text: str, teacher: Any, student: Any, 
         f"student {covered_s}/{len(record['student'])} tokens · {len(raw)} bytes",
         highlight=False,
     )
+
+
+# -- --report ------------------------------------------------------------------------
+
+
+def _report_command(
+    config: AlignConfig, *, text: str | None, input_path: Path | None, store: str | None, cache: str | None,
+    as_json: bool,
+) -> None:
+    from xtd.align_report import format_rows
+
+    if cache is not None:
+        raise ConfigError("--report reads a store with --store, not --cache (which writes alignments)")
+    sources = [name for name, value in (("text", text), ("input", input_path), ("store", store)) if value is not None]
+    if len(sources) != 1:
+        given = ", ".join(flag(s) for s in sources) or "none"
+        raise ConfigError(f"--report needs exactly one of --text, --input or --store (given: {given})")
+    if store is not None:
+        result = report_store(store, config)
+    else:
+        if config.teacher_tokenizer is None:
+            raise ConfigError("--teacher-tokenizer is required with --report --text/--input (or pass --store)")
+        texts = [text] if text is not None else list(_read_jsonl(input_path))  # type: ignore[arg-type]
+        result = report_texts(texts, config)
+    record = result.to_dict()
+    if as_json:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    table = Table(title="alignment report")
+    table.add_column("quantity")
+    table.add_column(f"teacher ({escape(result.teacher)})", justify="right")
+    table.add_column(f"student ({escape(result.student)})", justify="right")
+    for row in format_rows(record):
+        table.add_row(*(escape(cell) for cell in row))
+    _out.print(table)
+
+
+def report_texts(texts: Sequence[str], config: AlignConfig) -> Any:
+    """The :class:`xtd.align_report.AlignReport` of plain texts (no merge statistics)."""
+    from xtd.align import align_many
+    from xtd.align_report import report_alignments, samples_from_encodings
+    from xtd.tokenization import load_tokenizer
+
+    allow = config.allow_strip_unicode_normalizer
+    teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=allow)  # type: ignore[arg-type]
+    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=allow)
+
+    def batches() -> Iterator[Any]:
+        for lo in range(0, len(texts), _CACHE_BATCH):
+            chunk = list(texts[lo : lo + _CACHE_BATCH])
+            t_enc = teacher.encode_batch(chunk, add_special_tokens=config.add_special_tokens)
+            s_enc = student.encode_batch(chunk, add_special_tokens=config.add_special_tokens)
+            pairs = [
+                (a.spans, b.spans, teacher.special_mask(a.ids), student.special_mask(b.ids))
+                for a, b in zip(t_enc, s_enc, strict=True)
+            ]
+            yield from samples_from_encodings(chunk, t_enc, s_enc, align_many(pairs))
+
+    return report_alignments(batches(), teacher=config.teacher_tokenizer or "", student=config.student_tokenizer)
+
+
+def report_store(url: str, config: AlignConfig) -> Any:
+    """The report over every document of a teacher store, with the merge statistics under γ.
+
+    The student side is built as training builds it (xtd.batching.alignment_inputs); σ^T
+    is the log of the stored boundary mass over all classes after each teacher row.
+
+    Raises:
+        TokenizerMismatchError: ``--teacher-tokenizer`` differs from the store's.
+    """
+    from xtd.align import align_many
+    from xtd.align_report import AlignmentSample, report_alignments
+    from xtd.batching import alignment_inputs, document_text
+    from xtd.storage import open_store
+    from xtd.tokenization import load_tokenizer
+
+    reader = open_store(url)
+    teacher = _store_teacher(reader, url, config)
+    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=config.allow_strip_unicode_normalizer)
+
+    def samples() -> Iterator[AlignmentSample]:
+        with progress_bar() as progress:
+            task = progress.add_task("auditing", total=len(reader))
+            for lo in range(0, len(reader), _CACHE_BATCH):
+                docs = [reader.document(d, topk=False, hidden=False) for d in range(lo, min(lo + _CACHE_BATCH, len(reader)))]
+                texts = [document_text(doc, where=f"store {url!r}: document {lo + k}") for k, doc in enumerate(docs)]
+                sides = [
+                    alignment_inputs(doc, student, enc.ids.astype(np.int64), enc.spans.astype(np.int64))
+                    for doc, enc in zip(docs, student.encode_batch(texts), strict=True)
+                ]
+                pairs = [(x.teacher_spans, x.student_spans, x.teacher_special, x.student_special) for x in sides]
+                for doc, x, al in zip(docs, sides, align_many(pairs), strict=True):
+                    logmass = np.asarray(doc.boundary_logmass, dtype=np.float64)
+                    sigma = np.minimum(np.logaddexp.reduce(logmass, axis=1), 0.0) if logmass.size else np.zeros(0)
+                    yield AlignmentSample(
+                        text=bytes(doc.text), teacher_spans=x.teacher_spans, student_spans=x.student_spans,
+                        teacher_chunk=al.teacher_chunk, student_chunk=al.student_chunk,
+                        chunk_bytes=al.chunk_bytes, chunk_slot=al.chunk_slot, teacher_sigma=sigma,
+                    )
+                progress.update(task, advance=len(docs))
+
+    return report_alignments(
+        samples(), teacher=teacher.name, student=config.student_tokenizer, merge_threshold=config.merge_threshold
+    )
+
+
+def _store_teacher(reader: Any, url: str, config: AlignConfig) -> Any:
+    from xtd.tokenization import load_tokenizer, tokenizer_from_json
+
+    if not reader.tokenizer_json:
+        raise DataError(f"store {url!r} embeds no teacher tokenizer; re-run xtd precompute")
+    teacher = tokenizer_from_json(reader.tokenizer_json, name=f"{url} (teacher)")
+    if config.teacher_tokenizer is not None:
+        given = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=config.allow_strip_unicode_normalizer)
+        if given.digest != teacher.digest:
+            raise TokenizerMismatchError(
+                f"--teacher-tokenizer {config.teacher_tokenizer!r} is not the tokenizer store {url!r} was made "
+                "with; leave --teacher-tokenizer out to use the store's own"
+            )
+    return teacher
 
 
 # -- --cache -------------------------------------------------------------------------
