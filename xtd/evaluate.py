@@ -26,7 +26,10 @@ Conventions, the same for every model:
 * **Exact match**: greedy generation after the prompt (BOS-prefixed the same way); the
   prediction is the generated text up to EOS — cut at its first line break when the
   reference answer is one line — and matches when it equals the answer, both stripped
-  of surrounding whitespace.
+  of surrounding whitespace. A task line with ``"answer_format": "final-number"``
+  (the maths problems of :mod:`xtd.maths`) is scored on its final answer instead
+  (:func:`xtd.maths.is_correct`), and its generation also stops once the answer line
+  is complete.
 
 Dimension letters: ``B`` windows in a batch, ``L`` window length, ``V`` vocabulary,
 ``M`` ensemble members, ``N`` scored positions of one window.
@@ -210,11 +213,21 @@ def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"task file {str(p)!r} does not exist; pass a JSON-lines file with --task")
+    from xtd.maths import ANSWER_FORMAT
+
     tasks = []
     for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
         if not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
             raise DataError(f"{str(p)!r} line {number} needs string fields 'prompt' and 'answer'")
-        tasks.append({"prompt": record["prompt"], "answer": record["answer"]})
+        task = {"prompt": record["prompt"], "answer": record["answer"]}
+        if "answer_format" in record:
+            if record["answer_format"] != ANSWER_FORMAT:
+                raise DataError(
+                    f"{str(p)!r} line {number}: unknown answer_format {record['answer_format']!r}; "
+                    f"use {ANSWER_FORMAT!r} or leave it out"
+                )
+            task["answer_format"] = ANSWER_FORMAT
+        tasks.append(task)
     if not tasks:
         raise DataError(f"task file {str(p)!r} is empty: no prompt/answer pairs")
     return tasks
@@ -514,6 +527,8 @@ def exact_match(
     """
     from transformers import GenerationConfig
 
+    from xtd import maths
+
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens ({max_new_tokens}) must be at least 1")
     name = name or type(model).__name__
@@ -537,14 +552,21 @@ def exact_match(
             if len(ids) == 0:
                 raise DataError("a task prompt is empty and the tokenizer has no BOS: nothing to generate from")
             inputs = torch.from_numpy(ids)[None].to(device)  # (1, n)
+            final_number = "answer_format" in task
+            stop = [maths.AnswerStop(tokenizer, inputs.shape[1])] if final_number else None
             with torch.inference_mode():
                 out = model.generate(
-                    input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config
+                    input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
+                    stopping_criteria=stop,
                 )
             generated = tokenizer.hf.decode(out[0, inputs.shape[1] :].tolist(), skip_special_tokens=True)
-            prediction = _prediction(generated, task["answer"])
+            if final_number:
+                prediction = maths.extract_answer(generated) or ""
+                correct += maths.is_correct(generated, task["answer"])
+            else:
+                prediction = _prediction(generated, task["answer"])
+                correct += prediction == task["answer"].strip()
             predictions.append(prediction)
-            correct += prediction == task["answer"].strip()
             if tick is not None:
                 tick(1)
     finally:

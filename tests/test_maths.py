@@ -1,0 +1,131 @@
+"""The maths word-problem generator, its splits, records and exact-match scoring."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from xtd.data import DataSource
+from xtd.errors import ConfigError
+from xtd.maths import (
+    KINDS,
+    answer_stop,
+    chat_record,
+    extract_answer,
+    generate,
+    is_correct,
+    split_of_question,
+    write_split,
+)
+
+_STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def test_generator_is_deterministic_per_seed() -> None:
+    a, b = generate("train", 60, seed=3), generate("train", 60, seed=3)
+    assert a == b
+    assert generate("train", 60, seed=4) != a
+    # A prefix does not depend on the count.
+    assert generate("train", 20, seed=3) == a[:20]
+    assert len({p.id for p in a}) == 60
+
+
+def test_splits_share_no_problem() -> None:
+    train = generate("train", 3000)
+    validation = generate("validation", 400)
+    test = generate("test", 400)
+    questions = [{p.question for p in split} for split in (train, validation, test)]
+    assert [len(q) for q in questions] == [3000, 400, 400]  # no duplicates inside a split
+    assert not questions[0] & questions[1]
+    assert not questions[0] & questions[2]
+    assert not questions[1] & questions[2]
+    # By construction: test only in held-out phrasings, validation/train by the hash partition.
+    held_out = {p.kind: p.phrasing for p in test}
+    assert all(p.phrasing != held_out[p.kind] for p in train + validation)
+    assert all(split_of_question(p.question) == "train" for p in train)
+    assert all(split_of_question(p.question) == "validation" for p in validation)
+    # Other seeds of train never produce a validation or test question either.
+    other = {p.question for p in generate("train", 1000, seed=7)}
+    assert not other & (questions[1] | questions[2])
+    with pytest.raises(ConfigError, match="unknown split"):
+        generate("dev", 1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=">= 0"):
+        generate("train", -1)
+
+
+def test_every_step_is_right_and_the_answer_line_ends_the_solution() -> None:
+    problems = generate("train", 400) + generate("test", 80)
+    assert {p.kind for p in problems} == set(KINDS)
+    carries = 0
+    for p in problems:
+        lines = p.solution.split("\n")
+        assert lines[-1] == f"#### {p.answer}"
+        assert extract_answer(p.solution) == p.answer and is_correct(p.solution, p.answer)
+        steps = [_STEP.search(line) for line in lines[:-1]]
+        assert all(steps), p.solution
+        for step in steps:
+            a, op, b, c = step.groups()  # type: ignore[union-attr]
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
+            assert value == int(c), (p.id, step.group(0))
+            if op == "+" and (int(a) % 10 + int(b) % 10) >= 10:
+                carries += 1
+        # The last step computes the answer; multi-digit numbers throughout.
+        assert steps[-1].group(4) == p.answer  # type: ignore[union-attr]
+        assert int(p.answer) > 0
+    assert carries > 50  # additions with a carry are common
+
+
+@pytest.mark.parametrize(
+    ("generated", "expected", "correct"),
+    [
+        ("3 * 64 = 192\n192 + 25 = 217\n#### 217", "217", True),
+        ("#### 217", "217", True),
+        ("####217 dollars", "217", True),            # extra text after the number is ignored
+        ("The answer is clear.\n#### 217.\nBye", "217", True),
+        ("#### 217.0", "217", True),                  # same value
+        ("#### 1,250", "1250", True),                 # thousands separators
+        ("#### 0217", "217", True),
+        ("#### -217", "-217", True),
+        ("#### 2170", "217", False),                  # near misses
+        ("#### 21.7", "217", False),
+        ("#### 216", "217", False),
+        ("#### -217", "217", False),
+        ("#### 217.5", "217", False),
+        ("The answer is 217.", "217", False),         # wrong format: no marker
+        ("217", "217", False),
+        ("#### two hundred", "217", False),           # no number after the marker
+        ("#### \n217", "217", False),
+        ("### 217", "217", False),
+        ("#### 216\n#### 217", "217", False),         # the first answer counts
+        ("", "217", False),
+    ],
+)
+def test_exact_match_reads_the_final_answer_only(generated: str, expected: str, correct: bool) -> None:
+    assert is_correct(generated, expected) is correct
+
+
+def test_extract_answer_and_stop_rule() -> None:
+    assert extract_answer("work\n#### 1,250 ml") == "1,250"
+    assert extract_answer("no marker 12") is None
+    assert extract_answer("#### x 12") is None
+    assert not answer_stop("3 * 4 = 12\n")
+    assert not answer_stop("#### 12")  # the line may continue (123…)
+    assert answer_stop("#### 12\n")
+    assert answer_stop("#### 12\nmore")
+
+
+def test_chat_records_are_data_for_precompute(tmp_path: Path) -> None:
+    problems = generate("train", 5)
+    path = write_split(tmp_path / "train.jsonl", [chat_record(p) for p in problems])
+    source = DataSource(str(path))
+    assert source.text_field == "messages"
+    records = list(source)
+    assert len(records) == 5
+    assert records[0].messages is not None
+    assert [m["role"] for m in records[0].messages] == ["user", "assistant"]
+    assert records[0].messages[1]["content"] == problems[0].solution
+    line = json.loads(path.read_text().splitlines()[0])
+    assert line["answer"] == problems[0].answer and line["id"] == problems[0].id

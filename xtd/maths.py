@@ -1,0 +1,503 @@
+"""Grade-school maths word problems that ship with xtd, and their exact-match scoring.
+
+**Problems.** :func:`generate` draws word problems from a seeded stream: a handful of
+problem *kinds* (shopping, travel, sharing, saving, unit conversion, …), each a
+two- or three-step computation with multi-digit numbers (carries and borrows
+included) in some unit, worded by one of several question *phrasings*. Every problem
+has a step-by-step worked solution, one operation per line, ending in the answer line.
+
+**Answer format.** The last line of a solution is ``#### <integer>`` (the GSM8K
+convention). :func:`extract_answer` reads a model's answer from generated text: the
+number directly after the first ``####`` marker (optional sign, digits with optional
+``,`` thousands separators, optional decimal part), whatever follows it on the line
+ignored. No marker, or no number right after it, is no answer. :func:`is_correct`
+compares that number with the reference by exact decimal value (``95``, ``95.0`` and
+``0,095`` all equal ``95``; ``950``, ``9.5`` and ``94`` do not).
+
+**Splits**, disjoint by construction:
+
+* ``test`` problems use only the *held-out phrasing* of each kind (the last one);
+  ``train`` and ``validation`` never use it, so no test question can equal a
+  training question.
+* ``train`` and ``validation`` share the other phrasings and are separated by a hash
+  of the question text: a question whose hash falls in bucket 0 of
+  :data:`HASH_BUCKETS` belongs to validation, any other to train; each split rejects
+  draws that belong to the other.
+* Each split draws from its own seeded stream (``[split salt, seed]``), and within a
+  split a repeated question is redrawn, so a split holds no duplicate either.
+
+**Records.** :func:`chat_record` renders a problem as a conversation
+(``{"messages": [user question, assistant solution], ...}``), which ``xtd
+precompute`` renders with the teacher's chat template (the assistant turn is the loss
+span) and ``xtd train`` reads from the store. :func:`task_record` gives the
+``{"prompt", "answer"}`` line of an ``xtd eval --task`` file; :func:`write_split`
+writes either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from xtd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from xtd.tokenization import ByteTokenizer
+
+__all__ = [
+    "Problem",
+    "SPLITS",
+    "KINDS",
+    "ANSWER_MARKER",
+    "ANSWER_FORMAT",
+    "HASH_BUCKETS",
+    "generate",
+    "extract_answer",
+    "is_correct",
+    "answer_stop",
+    "AnswerStop",
+    "chat_record",
+    "store_view",
+    "prompt_view",
+    "task_record",
+    "write_split",
+    "split_of_question",
+]
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+ANSWER_MARKER = "####"
+"""Starts the answer line of every solution: ``#### 95``."""
+ANSWER_FORMAT = "final-number"
+"""``answer_format`` of maths task lines: ``xtd eval --task`` scores them by :func:`is_correct`."""
+HASH_BUCKETS = 10
+"""Train/validation partition: validation holds the questions whose hash is 0 mod this."""
+
+_SPLIT_SALT = {"train": 11, "validation": 23, "test": 37}
+_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_ANSWER_RE = re.compile(re.escape(ANSWER_MARKER) + r"[ \t]*(" + _NUMBER + r")")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One word problem.
+
+    Attributes:
+        id: ``<split>-<seed>-<position>``, unique across splits.
+        split: ``train``, ``validation`` or ``test``.
+        kind: the problem kind (a key of :data:`KINDS`).
+        phrasing: index of the question wording within the kind.
+        question: the problem text.
+        solution: worked steps, one per line, then ``#### <answer>``.
+        answer: the final answer, a canonical integer string.
+    """
+
+    id: str
+    split: str
+    kind: str
+    phrasing: int
+    question: str
+    solution: str
+    answer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (what the JSON-lines files hold besides the rendered fields)."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- kinds
+
+_NAMES = ("Maya", "Leo", "Ana", "Tom", "Priya", "Omar", "Lena", "Sam", "Ivy", "Jonas", "Zoe", "Ravi",
+          "Nora", "Ben", "Aisha", "Carlos", "Mia", "Felix", "Hana", "Kofi")
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """The values of one problem: fields for the wording, the solution lines and the answer."""
+
+    fields: dict[str, Any]
+    steps: tuple[str, ...]
+    answer: int
+
+
+def _shopping(rng: random.Random) -> _Draw:
+    item, extra = rng.choice([("notebook", "pen"), ("book", "bookmark"), ("shirt", "belt"),
+                              ("ticket", "programme"), ("lamp", "bulb"), ("plant", "pot")])
+    count, price, extra_price = rng.randint(3, 9), rng.randint(12, 89), rng.randint(5, 48)
+    cost = count * price
+    total = cost + extra_price
+    return _Draw(
+        {"name": rng.choice(_NAMES), "item": item, "extra": extra, "count": count, "price": price,
+         "extra_price": extra_price},
+        (f"The {item}s cost {count} * {price} = {cost} dollars.",
+         f"With the {extra} that is {cost} + {extra_price} = {total} dollars."),
+        total,
+    )
+
+
+def _travel(rng: random.Random) -> _Draw:
+    speed, hours, more = rng.randint(35, 95), rng.randint(2, 9), rng.randint(12, 240)
+    first = speed * hours
+    total = first + more
+    return _Draw(
+        {"name": rng.choice(_NAMES), "speed": speed, "hours": hours, "more": more,
+         "vehicle": rng.choice(["car", "bus", "train", "truck"])},
+        (f"At {speed} km per hour for {hours} hours it covers {speed} * {hours} = {first} km.",
+         f"Then the whole trip is {first} + {more} = {total} km."),
+        total,
+    )
+
+
+def _sharing(rng: random.Random) -> _Draw:
+    people = rng.randint(3, 9)
+    share = rng.randint(6, 48)
+    boxes = rng.choice([b for b in range(2, 10) if (people * share) % b == 0] or [1])
+    per_box = people * share // boxes
+    total = boxes * per_box
+    item = rng.choice(["pencils", "stickers", "apples", "cards", "marbles", "cookies"])
+    return _Draw(
+        {"name": rng.choice(_NAMES), "boxes": boxes, "per_box": per_box, "people": people, "item": item},
+        (f"There are {boxes} * {per_box} = {total} {item} in all.",
+         f"Each person gets {total} / {people} = {share} {item}."),
+        share,
+    )
+
+
+def _saving(rng: random.Random) -> _Draw:
+    weekly, weeks = rng.randint(15, 95), rng.randint(4, 12)
+    saved = weekly * weeks
+    spent = rng.randint(saved // 4, saved - 1)
+    left = saved - spent
+    return _Draw(
+        {"name": rng.choice(_NAMES), "weekly": weekly, "weeks": weeks, "spent": spent,
+         "thing": rng.choice(["a bike", "a game", "a coat", "a guitar", "shoes", "a tent"])},
+        (f"In {weeks} weeks the savings are {weekly} * {weeks} = {saved} dollars.",
+         f"After buying, {saved} - {spent} = {left} dollars are left."),
+        left,
+    )
+
+
+def _collection(rng: random.Random) -> _Draw:
+    first, more = rng.randint(120, 899), rng.randint(35, 499)
+    second = first + more
+    together = first + second
+    given = rng.randint(11, min(299, together - 1))
+    left = together - given
+    item = rng.choice(["stamps", "shells", "coins", "beads", "cards", "stones"])
+    return _Draw(
+        {"name": rng.choice(_NAMES), "friend": rng.choice(_NAMES), "first": first, "more": more,
+         "given": given, "item": item},
+        (f"The friend has {first} + {more} = {second} {item}.",
+         f"Together they have {first} + {second} = {together} {item}.",
+         f"After giving some away, {together} - {given} = {left} {item} remain."),
+        left,
+    )
+
+
+def _liquid(rng: random.Random) -> _Draw:
+    litres, poured, cups = rng.randint(2, 9), rng.randint(3, 9), rng.randint(110, 350)
+    ml = litres * 1000
+    used = poured * cups
+    if used >= ml:
+        cups = rng.randint(110, ml // poured - 1)
+        used = poured * cups
+    left = ml - used
+    return _Draw(
+        {"litres": litres, "poured": poured, "cups": cups,
+         "drink": rng.choice(["juice", "milk", "water", "lemonade", "tea"])},
+        (f"{litres} litres are {litres} * 1000 = {ml} ml.",
+         f"The glasses take {poured} * {cups} = {used} ml.",
+         f"So {ml} - {used} = {left} ml are left."),
+        left,
+    )
+
+
+def _schedule(rng: random.Random) -> _Draw:
+    lessons, minutes, brk = rng.randint(3, 8), rng.randint(25, 55), rng.randint(10, 35)
+    teaching = lessons * minutes
+    total = teaching + brk * (lessons - 1)
+    pauses = brk * (lessons - 1)
+    return _Draw(
+        {"name": rng.choice(_NAMES), "lessons": lessons, "minutes": minutes, "brk": brk},
+        (f"The lessons take {lessons} * {minutes} = {teaching} minutes.",
+         f"There are {lessons} - 1 = {lessons - 1} breaks of {brk} minutes, so {lessons - 1} * {brk} = {pauses} minutes.",
+         f"The day lasts {teaching} + {pauses} = {total} minutes."),
+        total,
+    )
+
+
+def _harvest(rng: random.Random) -> _Draw:
+    rows, per_row = rng.randint(6, 24), rng.randint(13, 67)
+    grown = rows * per_row
+    sold = rng.randint(grown // 5, grown - 1)
+    left = grown - sold
+    crop = rng.choice(["cabbages", "pumpkins", "melons", "lettuces", "carrots"])
+    return _Draw(
+        {"name": rng.choice(_NAMES), "rows": rows, "per_row": per_row, "sold": sold, "crop": crop},
+        (f"The field grows {rows} * {per_row} = {grown} {crop}.",
+         f"After the sale, {grown} - {sold} = {left} {crop} are left."),
+        left,
+    )
+
+
+# Question wordings per kind; the last one of every kind is held out for the test split.
+_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "shopping": (
+        "{name} buys {count} {item}s for {price} dollars each and a {extra} for {extra_price} dollars. "
+        "How many dollars does {name} spend?",
+        "A {item} costs {price} dollars and a {extra} costs {extra_price} dollars. {name} buys {count} {item}s "
+        "and one {extra}. What is the total cost in dollars?",
+        "At the shop, {name} pays for one {extra} ({extra_price} dollars) and {count} {item}s at {price} dollars "
+        "apiece. How much money, in dollars, does that come to?",
+    ),
+    "travel": (
+        "A {vehicle} drives at {speed} km per hour for {hours} hours and then goes {more} km more. "
+        "How many km does it travel in total?",
+        "{name} takes a {vehicle} that moves {speed} km every hour. After {hours} hours it still has {more} km "
+        "to go before arriving. How long is the whole trip in km?",
+        "How many kilometres is a journey that is {hours} hours by {vehicle} at {speed} km per hour followed by "
+        "another {more} km?",
+    ),
+    "sharing": (
+        "{name} has {boxes} boxes with {per_box} {item} in each box. The {item} are shared equally among "
+        "{people} people. How many {item} does each person get?",
+        "There are {per_box} {item} in each of {boxes} boxes. If {people} friends split all of them equally, "
+        "how many {item} does each friend receive?",
+        "{people} children divide the {item} from {boxes} boxes, each box holding {per_box}, so that everyone "
+        "gets the same number. How many {item} per child?",
+    ),
+    "saving": (
+        "{name} saves {weekly} dollars every week for {weeks} weeks and then buys {thing} for {spent} dollars. "
+        "How many dollars are left?",
+        "Every week {name} puts {weekly} dollars in a jar. After {weeks} weeks, {name} spends {spent} dollars on "
+        "{thing}. How much money remains in dollars?",
+        "How many dollars does {name} keep after saving {weekly} dollars a week for {weeks} weeks and paying "
+        "{spent} dollars for {thing}?",
+    ),
+    "collection": (
+        "{name} has {first} {item}. {friend} has {more} more {item} than {name}. Together they give away "
+        "{given} {item}. How many {item} do they have left?",
+        "{friend} owns {more} {item} more than {name}, who owns {first}. They put their {item} together and "
+        "give {given} of them to a museum. How many {item} remain?",
+        "{name} collects {first} {item}, and {friend} collects {more} more than that. If the two of them donate "
+        "{given} {item}, how many are still theirs?",
+    ),
+    "liquid": (
+        "A jug holds {litres} litres of {drink}. {poured} glasses of {cups} ml each are poured from it. "
+        "How many ml of {drink} are left in the jug?",
+        "There are {litres} litres of {drink}. Someone fills {poured} glasses with {cups} ml each. How many "
+        "millilitres of {drink} remain?",
+        "After pouring {cups} ml of {drink} into each of {poured} glasses from a {litres}-litre bottle, how much "
+        "{drink} is left in ml?",
+    ),
+    "schedule": (
+        "{name} has {lessons} lessons of {minutes} minutes each, with a {brk}-minute break between two lessons. "
+        "How many minutes does the school day last?",
+        "A school day has {lessons} lessons, each {minutes} minutes long, and a break of {brk} minutes between "
+        "consecutive lessons. How long is the day in minutes?",
+        "How many minutes pass from the start of the first to the end of the last of {lessons} lessons of "
+        "{minutes} minutes if every pause between lessons lasts {brk} minutes?",
+    ),
+    "harvest": (
+        "{name} plants {rows} rows of {crop} with {per_row} {crop} in each row and sells {sold} of them. "
+        "How many {crop} are left?",
+        "A field has {rows} rows and each row grows {per_row} {crop}. {name} sells {sold} {crop} at the market. "
+        "How many {crop} does {name} still have?",
+        "{name} harvests {per_row} {crop} from each of {rows} rows and then sells {sold}. How many {crop} remain "
+        "unsold?",
+    ),
+}
+
+KINDS: dict[str, Callable[[random.Random], _Draw]] = {
+    "shopping": _shopping,
+    "travel": _travel,
+    "sharing": _sharing,
+    "saving": _saving,
+    "collection": _collection,
+    "liquid": _liquid,
+    "schedule": _schedule,
+    "harvest": _harvest,
+}
+"""Problem kinds: each draws the values and the worked steps of one problem."""
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def split_of_question(question: str) -> Split:
+    """``validation`` or ``train`` for a question in a non-held-out phrasing (hash partition)."""
+    digest = hashlib.sha256(question.encode("utf-8")).digest()
+    return "validation" if int.from_bytes(digest[:8], "little") % HASH_BUCKETS == 0 else "train"
+
+
+def _phrasings_for(split: Split, kind: str) -> list[int]:
+    held_out = len(_PHRASINGS[kind]) - 1
+    return [held_out] if split == "test" else list(range(held_out))
+
+
+def generate(split: Split, count: int, *, seed: int = 0) -> list[Problem]:
+    """``count`` problems of ``split``, the same for the same ``(split, count, seed)``.
+
+    Kinds take turns (problem ``i`` is of kind ``i mod len(KINDS)``); the values and the
+    phrasing are drawn from the split's own stream. The first ``n`` problems of a split
+    do not depend on ``count``.
+
+    Raises:
+        ConfigError: an unknown split or a negative count.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    if count < 0:
+        raise ConfigError(f"problem count ({count}) must be >= 0")
+    rng = random.Random(f"xtd-maths/{_SPLIT_SALT[split]}/{seed}")
+    kinds = list(KINDS)
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    while len(problems) < count:
+        kind = kinds[len(problems) % len(kinds)]
+        draw = KINDS[kind](rng)
+        phrasing = rng.choice(_phrasings_for(split, kind))
+        question = _PHRASINGS[kind][phrasing].format(**draw.fields)
+        if question in seen or (split != "test" and split_of_question(question) != split):
+            continue
+        seen.add(question)
+        solution = "\n".join((*draw.steps, f"{ANSWER_MARKER} {draw.answer}"))
+        problems.append(Problem(f"{split}-{seed}-{len(problems)}", split, kind, phrasing, question, solution,
+                                str(draw.answer)))
+    return problems
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in generated text: the number right after the first ``####``.
+
+    Returns:
+        The number as written (``"1,250"``, ``"-3.5"``), or ``None`` when there is no
+        marker or no number directly after it.
+    """
+    marker = text.find(ANSWER_MARKER)
+    if marker < 0:
+        return None
+    match = _ANSWER_RE.match(text, marker)
+    return match.group(1) if match else None
+
+
+def _value(number: str) -> Decimal | None:
+    try:
+        return Decimal(number.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    """Exact match of the extracted final answer with ``answer``, by decimal value."""
+    found = extract_answer(generated)
+    if found is None:
+        return False
+    got, want = _value(found), _value(answer)
+    return got is not None and want is not None and got == want
+
+
+def answer_stop(text: str) -> bool:
+    """Stop rule for generation: the answer line is complete (a line break after ``####``)."""
+    marker = text.find(ANSWER_MARKER)
+    return marker >= 0 and "\n" in text[marker:]
+
+
+class AnswerStop:
+    """A ``transformers`` stopping criterion: :func:`answer_stop` on each row's new tokens.
+
+    Args:
+        tokenizer: the model's ``ByteTokenizer`` (new tokens are decoded by byte view).
+        prompt_length: columns of the prompt; later columns are generated.
+    """
+
+    def __init__(self, tokenizer: ByteTokenizer, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        views = self.tokenizer.token_bytes
+        done = [
+            answer_stop(b"".join(views[int(i)] for i in row[self.prompt_length :]).decode("utf-8", errors="replace"))
+            for row in input_ids
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def chat_record(problem: Problem) -> dict[str, Any]:
+    """The conversation of one problem, for ``xtd precompute --data`` / ``xtd train``."""
+    return {
+        "messages": [
+            {"role": "user", "content": problem.question},
+            {"role": "assistant", "content": problem.solution},
+        ],
+        "id": problem.id,
+        "answer": problem.answer,
+    }
+
+
+def store_view(rendered: str, tokenizer: ByteTokenizer) -> str:
+    """Rendered chat text as a store keeps it: every special-token string of ``tokenizer`` removed.
+
+    ``xtd precompute`` turns those strings into special rows with empty spans; the
+    stored text, which students train on, is what remains.
+    """
+    strings = {tokenizer.hf.convert_ids_to_tokens(int(i)) for i in tokenizer.special_ids}
+    strings = sorted((s for s in strings if s), key=len, reverse=True)
+    if not strings:
+        return rendered
+    return re.sub("|".join(re.escape(s) for s in strings), "", rendered)
+
+
+def prompt_view(question: str, chat_tokenizer: ByteTokenizer | None) -> str:
+    """The prompt of a question as models trained on the store read it (no BOS).
+
+    Args:
+        question: the problem text.
+        chat_tokenizer: the tokenizer whose chat template rendered the training records
+            (the teacher's); ``None`` for the plain ``role: content`` rendering of
+            ``xtd precompute --chat-template never``.
+    """
+    if chat_tokenizer is None:
+        return f"user: {question}\nassistant: "
+    rendered = chat_tokenizer.hf.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return store_view(rendered, chat_tokenizer)
+
+
+def task_record(problem: Problem, chat_tokenizer: ByteTokenizer | None) -> dict[str, Any]:
+    """One line of an ``xtd eval --task`` file: prompt, final answer and its format."""
+    return {
+        "prompt": prompt_view(problem.question, chat_tokenizer),
+        "answer": problem.answer,
+        "answer_format": ANSWER_FORMAT,
+        "id": problem.id,
+    }
+
+
+def write_split(path: str | Path, records: Sequence[dict[str, Any]] | Iterator[dict[str, Any]]) -> Path:
+    """Write records as JSON lines (whole file or nothing: temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path

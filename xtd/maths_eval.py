@@ -1,0 +1,300 @@
+"""Score causal LMs on maths word problems: greedy exact match and bits per byte of solutions.
+
+**Prompt.** A model trained by xtd from a store of chat records learnt the *store
+view* of each conversation: the teacher's chat-template rendering with the template's
+special-token strings removed (they are special rows of the store, not text; see
+:func:`xtd.maths.store_view`), after the student's own BOS. Every model is prompted
+the same way: its BOS (its EOS when it has none), then the store view of the user
+turn and the template's generation prompt. Teacher and students thus read the same
+prompt bytes.
+
+**Generation.** Greedy decoding, prompts left-padded in batches; a row stops at its
+EOS, when its answer line is complete (:func:`xtd.maths.answer_stop`: a line break
+after ``####``), or after ``max_new_tokens``. The final answer is read from the
+generated text by :func:`xtd.maths.extract_answer` and scored by
+:func:`xtd.maths.is_correct`. Every problem's output is kept for inspection.
+
+**Bits per byte of solutions.** The negative log-likelihood of each reference
+solution after its prompt, over the solution's UTF-8 bytes: the prompt and solution
+are encoded together, and every token that ends inside the solution is scored (a
+token straddling the boundary counts with all its bytes).
+
+Dimension letters: ``B`` prompts in a batch, ``L`` padded length, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from xtd.errors import ConfigError
+from xtd.maths import Problem, answer_stop, extract_answer, is_correct, prompt_view
+
+if TYPE_CHECKING:
+    from xtd.tokenization import ByteTokenizer
+
+__all__ = ["MathsOutput", "MathsScore", "generate_solutions", "solution_bits_per_byte", "score_problems"]
+
+Progress = Callable[[str, int, int], None]
+"""``progress(description, advance, total)``: called with 0 first, then per batch."""
+
+
+@dataclass(frozen=True)
+class MathsOutput:
+    """One problem's generation: what the model wrote and how it was scored."""
+
+    id: str
+    kind: str
+    answer: str
+    generated: str
+    prediction: str | None
+    correct: bool
+    new_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (one line of the per-problem outputs file)."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class MathsScore:
+    """Exact match and solution bits per byte of one model on a set of problems."""
+
+    model: str
+    outputs: tuple[MathsOutput, ...]
+    solution_nll_nats: float
+    solution_bytes: int
+
+    @property
+    def exact_match(self) -> float:
+        """Fraction of problems whose final answer is right (NaN for none)."""
+        return sum(o.correct for o in self.outputs) / len(self.outputs) if self.outputs else math.nan
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Bits per byte of the reference solutions given their prompts."""
+        return self.solution_nll_nats / math.log(2) / self.solution_bytes if self.solution_bytes else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary values (the outputs are written separately)."""
+        return {
+            "model": self.model,
+            "problems": len(self.outputs),
+            "correct": sum(o.correct for o in self.outputs),
+            "exact_match": self.exact_match,
+            "answered": sum(o.prediction is not None for o in self.outputs),
+            "solution_bits_per_byte": self.bits_per_byte,
+            "solution_bytes": self.solution_bytes,
+        }
+
+
+def _prefix_id(tokenizer: ByteTokenizer) -> int | None:
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
+def _prompt_ids(tokenizer: ByteTokenizer, prompt: str) -> np.ndarray:
+    ids = tokenizer.encode(prompt).ids.astype(np.int64)
+    prefix = _prefix_id(tokenizer)
+    return np.concatenate([[prefix], ids]).astype(np.int64) if prefix is not None else ids
+
+
+def _tick(progress: Progress | None, description: str, total: int) -> Callable[[int], None]:
+    if progress is None:
+        return lambda n: None
+    progress(description, 0, total)
+    return lambda n: progress(description, n, total)
+
+
+@torch.inference_mode()
+def generate_solutions(
+    model: torch.nn.Module,
+    tokenizer: ByteTokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 160,
+    batch_size: int = 16,
+    stop: Callable[[str], bool] = answer_stop,
+    progress: Progress | None = None,
+) -> list[tuple[str, int]]:
+    """Greedy continuations of ``prompts`` (module docstring), batched with left padding.
+
+    Args:
+        model: a causal LM; its embedding table must cover the tokenizer's ids.
+        tokenizer: the model's tokenizer.
+        prompts: prompt texts (the BOS is added here).
+        max_new_tokens: generation budget per prompt.
+        batch_size: prompts decoded together.
+        stop: a row stops once ``stop(generated text)`` is true.
+        progress: called after each batch.
+
+    Returns:
+        ``(generated text, number of new tokens)`` per prompt, in order.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ConfigError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_id
+    pad = next(i for i in (tokenizer.pad_id, eos, 0) if i is not None)
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    out: list[tuple[str, int]] = [("", 0)] * len(prompts)
+    was_training = model.training
+    model.eval()
+    tick = _tick(progress, "generating", len(prompts))
+    try:
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo : lo + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, L)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(encoded[i]) :] = torch.from_numpy(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
+            for r, (text, count) in zip(rows, _greedy(model, tokenizer, ids.to(device), mask.to(device),
+                                                       max_new_tokens=max_new_tokens, eos=eos, stop=stop), strict=True):
+                out[r] = (text, count)
+            tick(len(rows))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _greedy(
+    model: torch.nn.Module,
+    tokenizer: ByteTokenizer,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos: int | None,
+    stop: Callable[[str], bool],
+) -> list[tuple[str, int]]:
+    """Greedy decoding of one left-padded batch with a KV cache; per-row stop."""
+    batch = ids.shape[0]
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
+    new = [[] for _ in range(batch)]
+    done = [False] * batch
+    past = None
+    step_ids, step_mask, step_pos = ids, mask, position
+    for _ in range(max_new_tokens):
+        result = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                       past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        nxt = result.logits[:, -1].float().argmax(-1)  # (B,)
+        for r in range(batch):
+            if done[r]:
+                continue
+            token = int(nxt[r])
+            if eos is not None and token == eos:
+                done[r] = True
+                continue
+            new[r].append(token)
+            if stop(_decode(tokenizer, new[r])):
+                done[r] = True
+        if all(done):
+            break
+        step_ids = nxt[:, None]
+        step_mask = torch.cat([step_mask, torch.ones((batch, 1), dtype=step_mask.dtype, device=step_mask.device)], -1)
+        step_pos = step_pos[:, -1:] + 1
+    return [(_decode(tokenizer, row), len(row)) for row in new]
+
+
+def _decode(tokenizer: ByteTokenizer, ids: list[int]) -> str:
+    raw = b"".join(tokenizer.token_bytes[i] for i in ids)
+    return raw.decode("utf-8", errors="replace")
+
+
+@torch.inference_mode()
+def solution_bits_per_byte(
+    model: torch.nn.Module,
+    tokenizer: ByteTokenizer,
+    prompts: Sequence[str],
+    solutions: Sequence[str],
+    *,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> tuple[float, int]:
+    """Total NLL (nats) of the solutions after their prompts, and the bytes it covers.
+
+    Returns:
+        ``(nll_nats, num_bytes)``; bits per byte = nll / ln 2 / num_bytes.
+    """
+    device = next(model.parameters()).device
+    pad = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    prefix = _prefix_id(tokenizer)
+    seqs: list[tuple[np.ndarray, int, int]] = []  # ids, first scored position, scored bytes
+    for prompt, solution in zip(prompts, solutions, strict=True):
+        start = len(prompt.encode("utf-8"))
+        enc = tokenizer.encode(prompt + solution)
+        scored = np.flatnonzero(enc.spans[:, 1] > start)
+        ids = enc.ids.astype(np.int64)
+        offset = 0
+        if prefix is not None:
+            ids, offset = np.concatenate([[prefix], ids]), 1
+        first = int(scored[0]) + offset if len(scored) else len(ids)
+        width = enc.spans[scored, 1] - enc.spans[scored, 0]
+        if first == 0:  # no BOS and the solution starts the text: its first token has no context
+            first, width = 1, width[1:]
+        seqs.append((ids, first, int(width.sum())))
+    was_training = model.training
+    model.eval()
+    tick = _tick(progress, "scoring solutions", len(seqs))
+    nll, num_bytes = 0.0, 0
+    try:
+        for lo in range(0, len(seqs), batch_size):
+            chunk = seqs[lo : lo + batch_size]
+            width = max(len(s[0]) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, L), right-padded
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (seq, _, _) in enumerate(chunk):
+                ids[r, : len(seq)] = torch.from_numpy(seq)
+                mask[r, : len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, L, V)
+            for r, (seq, first, nbytes) in enumerate(chunk):
+                logp = logits[r, first - 1 : len(seq) - 1].float().log_softmax(-1)
+                target = ids[r, first : len(seq)].to(logp.device)
+                nll -= float(logp.gather(-1, target[:, None]).sum())
+                num_bytes += nbytes
+            tick(len(chunk))
+    finally:
+        model.train(was_training)
+    return nll, num_bytes
+
+
+def score_problems(
+    model: torch.nn.Module,
+    tokenizer: ByteTokenizer,
+    problems: Sequence[Problem],
+    chat_tokenizer: ByteTokenizer,
+    *,
+    name: str,
+    max_new_tokens: int = 160,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> MathsScore:
+    """Exact match (greedy) and solution bits per byte of one model on ``problems``.
+
+    Args:
+        model, tokenizer: the model under test and its tokenizer.
+        problems: the problems (e.g. ``generate("test", n)``).
+        chat_tokenizer: the tokenizer whose chat template rendered the training data
+            (the teacher's); it defines the prompt (:func:`xtd.maths.prompt_view`).
+        name: the model's name in the result.
+        max_new_tokens, batch_size: generation settings.
+        progress: called after each batch.
+    """
+    prompts = [prompt_view(p.question, chat_tokenizer) for p in problems]
+    generated = generate_solutions(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=progress)
+    outputs = tuple(
+        MathsOutput(p.id, p.kind, p.answer, text, extract_answer(text), is_correct(text, p.answer), count)
+        for p, (text, count) in zip(problems, generated, strict=True)
+    )
+    nll, num_bytes = solution_bits_per_byte(model, tokenizer, prompts, [p.solution for p in problems],
+                                            batch_size=batch_size, progress=progress)
+    return MathsScore(name, outputs, nll, num_bytes)
