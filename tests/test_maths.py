@@ -21,7 +21,14 @@ from xtd.maths import (
     write_split,
 )
 
-_STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+_EXPR = r"\d+(?: [-+*/] \d+)*"
+_CHAIN = re.compile(rf"{_EXPR}(?: = {_EXPR})+")
+
+
+def _value(expr: str) -> float:
+    """Evaluate ``a op b op c`` with the usual precedence (digits and + - * / only)."""
+    assert re.fullmatch(_EXPR, expr), expr
+    return eval(expr)  # noqa: S307 - the pattern above admits only integers and + - * /
 
 
 def test_generator_is_deterministic_per_seed() -> None:
@@ -59,23 +66,45 @@ def test_splits_share_no_problem() -> None:
 def test_every_step_is_right_and_the_answer_line_ends_the_solution() -> None:
     problems = generate("train", 400) + generate("test", 80)
     assert {p.kind for p in problems} == set(KINDS)
-    carries = 0
+    carries = borrows = worked = 0
     for p in problems:
         lines = p.solution.split("\n")
         assert lines[-1] == f"#### {p.answer}"
         assert extract_answer(p.solution) == p.answer and is_correct(p.solution, p.answer)
-        steps = [_STEP.search(line) for line in lines[:-1]]
-        assert all(steps), p.solution
-        for step in steps:
-            a, op, b, c = step.groups()  # type: ignore[union-attr]
-            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
-            assert value == int(c), (p.id, step.group(0))
-            if op == "+" and (int(a) % 10 + int(b) % 10) >= 10:
+        chains = [_CHAIN.findall(line) for line in lines[:-1]]
+        assert all(chains), p.solution
+        for chain in (c for line in chains for c in line):
+            sides = chain.split(" = ")
+            assert len({_value(side) for side in sides}) == 1, (p.id, chain)
+            worked += len(sides) > 2
+            a, op, b = (sides[0].split(" ") + ["", ""])[:3]
+            if op == "+" and int(a) % 10 + int(b) % 10 >= 10:
                 carries += 1
-        # The last step computes the answer; multi-digit numbers throughout.
-        assert steps[-1].group(4) == p.answer  # type: ignore[union-attr]
+            if op == "-" and int(a) % 10 < int(b) % 10:
+                borrows += 1
+        # The last step computes the answer.
+        assert chains[-1][-1].split(" = ")[-1] == p.answer
         assert int(p.answer) > 0
-    assert carries > 50  # additions with a carry are common
+    assert carries > 50 and borrows > 50 and worked > 300
+
+
+def test_check_steps_counts_right_and_wrong_steps() -> None:
+    from xtd.maths import check_steps
+
+    assert check_steps(generate("train", 1)[0].solution) == (4, 4)
+    assert check_steps("83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 571 dollars") == (2, 3)
+    assert check_steps("10 - 2 * 3 = 4 and 12 / 4 = 3; 7 / 0 = 1") == (2, 3)
+    assert check_steps("no arithmetic, 12 apples") == (0, 0)
+
+
+def test_products_are_worked_out_by_place_value() -> None:
+    from xtd.maths import _times
+
+    assert _times(83, 7) == "83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 581"
+    assert _times(4, 152) == "4 * 152 = 4 * 100 + 4 * 50 + 4 * 2 = 400 + 200 + 8 = 608"
+    assert _times(7, 40) == "7 * 40 = 280"
+    assert _times(9, 1000) == "9 * 1000 = 9000"
+    assert _times(3, 5) == "3 * 5 = 15"
 
 
 @pytest.mark.parametrize(

@@ -99,15 +99,16 @@ def test_solution_bits_per_byte_matches_naive_reference(lm_a, tok_a_bt) -> None:
 
 def test_scores_and_outputs() -> None:
     outputs = (
-        MathsOutput("a", "k", "12", "#### 12\n", "12", True, 3),
-        MathsOutput("b", "k", "13", "#### 14\n", "14", False, 3),
-        MathsOutput("c", "k", "15", "no answer", None, False, 9),
+        MathsOutput("a", "k", "12", "3 * 4 = 12\n#### 12\n", "12", True, 3, 1, 1),
+        MathsOutput("b", "k", "13", "#### 14\n", "14", False, 3, 0, 0),
+        MathsOutput("c", "k", "15", "5 + 5 = 11", None, False, 9, 0, 1),
     )
     score = MathsScore("m", outputs, solution_nll_nats=math.log(2) * 30, solution_bytes=10)
     assert score.exact_match == pytest.approx(1 / 3)
     assert score.bits_per_byte == pytest.approx(3.0)
     summary = score.to_dict()
     assert summary["correct"] == 1 and summary["answered"] == 2 and summary["problems"] == 3
+    assert summary["steps"] == 2 and summary["step_accuracy"] == 0.5
     assert json.loads(json.dumps(outputs[2].to_dict()))["prediction"] is None
 
 

@@ -29,18 +29,33 @@ Dimension letters: ``T`` teacher tokens, ``S`` student tokens, ``C`` chunks.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["AlignmentSample", "AlignReport", "SideCounts", "report_alignments", "HISTOGRAM_BINS"]
+from xtd.errors import DataError, TokenizerMismatchError
+
+if TYPE_CHECKING:
+    from xtd.tokenization import ByteTokenizer
+
+__all__ = [
+    "AlignmentSample",
+    "AlignReport",
+    "SideCounts",
+    "report_alignments",
+    "report_texts",
+    "report_store",
+    "format_rows",
+    "HISTOGRAM_BINS",
+]
 
 HISTOGRAM_BINS = ("1", "2", "3", "4+")
 """Bins of the tokens-per-chunk and chunks-per-group histograms."""
 
 _DIGIT_RUN = re.compile(rb"[0-9]+")
+_BATCH = 64  # texts encoded and aligned per vectorised call
 
 
 @dataclass(frozen=True)
@@ -373,3 +388,99 @@ def samples_from_encodings(
         )
         for text, a, b, al in zip(texts, teacher_encodings, student_encodings, alignments, strict=True)
     ]
+
+
+def report_texts(
+    texts: Sequence[str], teacher: ByteTokenizer, student: ByteTokenizer, *, add_special_tokens: bool = False
+) -> AlignReport:
+    """The report of plain texts under two tokenizers (no merge statistics: no teacher masses).
+
+    Raises:
+        ByteIdentityError: a tokenizer does not reproduce a text's bytes.
+    """
+    from xtd.align import align_many
+
+    def samples() -> Iterator[AlignmentSample]:
+        for lo in range(0, len(texts), _BATCH):
+            chunk = list(texts[lo : lo + _BATCH])
+            t_enc = teacher.encode_batch(chunk, add_special_tokens=add_special_tokens)
+            s_enc = student.encode_batch(chunk, add_special_tokens=add_special_tokens)
+            pairs = [
+                (a.spans, b.spans, teacher.special_mask(a.ids), student.special_mask(b.ids))
+                for a, b in zip(t_enc, s_enc, strict=True)
+            ]
+            yield from samples_from_encodings(chunk, t_enc, s_enc, align_many(pairs))
+
+    return report_alignments(samples(), teacher=teacher.name, student=student.name)
+
+
+def report_store(
+    url: str,
+    student: ByteTokenizer,
+    *,
+    teacher: ByteTokenizer | None = None,
+    merge_threshold: float = 0.1,
+    progress: Callable[[int, int], None] | None = None,
+) -> AlignReport:
+    """The report over every document of a teacher store, merge statistics included.
+
+    The student side is built as training builds it (:func:`xtd.batching.alignment_inputs`:
+    the student mirrors a leading teacher BOS, template special tokens are one-sided); σ^T
+    after each teacher row is the log of its stored boundary mass over all classes.
+
+    Args:
+        url: the store.
+        student: the student tokenizer.
+        teacher: if given, it must be the store's tokenizer (a check, not an override).
+        merge_threshold: γ.
+        progress: ``progress(documents_done, documents_total)`` after each batch.
+
+    Raises:
+        StoreNotFoundError, StoreFormatError: no readable store at ``url``.
+        TokenizerMismatchError: ``teacher`` is not the store's tokenizer.
+        DataError: the store embeds no tokenizer, or a stored text is not UTF-8.
+    """
+    from xtd.align import align_many
+    from xtd.batching import alignment_inputs, document_text
+    from xtd.storage import open_store
+    from xtd.tokenization import tokenizer_from_json
+
+    reader = open_store(url)
+    if not reader.tokenizer_json:
+        raise DataError(f"store {url!r} embeds no teacher tokenizer; re-run xtd precompute")
+    stored = tokenizer_from_json(reader.tokenizer_json, name=f"{url} (teacher)")
+    if teacher is not None and teacher.digest != stored.digest:
+        raise TokenizerMismatchError(
+            f"teacher tokenizer {teacher.name!r} is not the tokenizer store {url!r} was made with; "
+            "leave --teacher-tokenizer out to use the store's own"
+        )
+    total = len(reader)
+
+    def samples() -> Iterator[AlignmentSample]:
+        for lo in range(0, total, _BATCH):
+            docs = [reader.document(d, topk=False, hidden=False) for d in range(lo, min(lo + _BATCH, total))]
+            texts = [document_text(doc, where=f"store {url!r}: document {lo + k}") for k, doc in enumerate(docs)]
+            sides = [
+                alignment_inputs(doc, student, enc.ids.astype(np.int64), enc.spans.astype(np.int64))
+                for doc, enc in zip(docs, student.encode_batch(texts), strict=True)
+            ]
+            pairs = [(x.teacher_spans, x.student_spans, x.teacher_special, x.student_special) for x in sides]
+            for doc, x, al in zip(docs, sides, align_many(pairs), strict=True):
+                yield AlignmentSample(
+                    text=bytes(doc.text), teacher_spans=x.teacher_spans, student_spans=x.student_spans,
+                    teacher_chunk=al.teacher_chunk, student_chunk=al.student_chunk,
+                    chunk_bytes=al.chunk_bytes, chunk_slot=al.chunk_slot,
+                    teacher_sigma=_sigma(np.asarray(doc.boundary_logmass, dtype=np.float64)),
+                )
+            if progress is not None:
+                progress(min(lo + _BATCH, total), total)
+
+    return report_alignments(samples(), teacher=stored.name, student=student.name, merge_threshold=merge_threshold)
+
+
+def _sigma(boundary_logmass: np.ndarray) -> np.ndarray:
+    """(T,) σ^T = min(0, log Σ_k β_k) over all stored classes, from (T, classes) log-masses."""
+    if boundary_logmass.size == 0:
+        return np.zeros(boundary_logmass.shape[0])
+    with np.errstate(invalid="ignore"):
+        return np.minimum(np.logaddexp.reduce(boundary_logmass, axis=1), 0.0)

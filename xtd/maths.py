@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,6 +63,7 @@ __all__ = [
     "extract_answer",
     "is_correct",
     "answer_stop",
+    "check_steps",
     "AnswerStop",
     "chat_record",
     "store_view",
@@ -127,6 +129,23 @@ class _Draw:
     answer: int
 
 
+def _times(a: int, b: int) -> str:
+    """A product worked out by place value: ``83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 581``.
+
+    The factor with more digits is split into its non-zero place values; a product with
+    a single place value is written directly (``7 * 40 = 280``).
+    """
+    big_first = len(str(a)) >= len(str(b))
+    big, small = (a, b) if big_first else (b, a)
+    digits = str(big)
+    parts = [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"]
+    if len(parts) <= 1:
+        return f"{a} * {b} = {a * b}"
+    terms = [f"{part} * {small}" if big_first else f"{small} * {part}" for part in parts]
+    values = [str(part * small) for part in parts]
+    return f"{a} * {b} = {' + '.join(terms)} = {' + '.join(values)} = {a * b}"
+
+
 def _shopping(rng: random.Random) -> _Draw:
     item, extra = rng.choice([("notebook", "pen"), ("book", "bookmark"), ("shirt", "belt"),
                               ("ticket", "programme"), ("lamp", "bulb"), ("plant", "pot")])
@@ -136,7 +155,7 @@ def _shopping(rng: random.Random) -> _Draw:
     return _Draw(
         {"name": rng.choice(_NAMES), "item": item, "extra": extra, "count": count, "price": price,
          "extra_price": extra_price},
-        (f"The {item}s cost {count} * {price} = {cost} dollars.",
+        (f"The {item}s cost {_times(count, price)} dollars.",
          f"With the {extra} that is {cost} + {extra_price} = {total} dollars."),
         total,
     )
@@ -149,7 +168,7 @@ def _travel(rng: random.Random) -> _Draw:
     return _Draw(
         {"name": rng.choice(_NAMES), "speed": speed, "hours": hours, "more": more,
          "vehicle": rng.choice(["car", "bus", "train", "truck"])},
-        (f"At {speed} km per hour for {hours} hours it covers {speed} * {hours} = {first} km.",
+        (f"At {speed} km per hour for {hours} hours it covers {_times(speed, hours)} km.",
          f"Then the whole trip is {first} + {more} = {total} km."),
         total,
     )
@@ -164,21 +183,21 @@ def _sharing(rng: random.Random) -> _Draw:
     item = rng.choice(["pencils", "stickers", "apples", "cards", "marbles", "cookies"])
     return _Draw(
         {"name": rng.choice(_NAMES), "boxes": boxes, "per_box": per_box, "people": people, "item": item},
-        (f"There are {boxes} * {per_box} = {total} {item} in all.",
+        (f"There are {_times(boxes, per_box)} {item} in all.",
          f"Each person gets {total} / {people} = {share} {item}."),
         share,
     )
 
 
 def _saving(rng: random.Random) -> _Draw:
-    weekly, weeks = rng.randint(15, 95), rng.randint(4, 12)
+    weekly, weeks = rng.randint(15, 95), rng.randint(4, 9)
     saved = weekly * weeks
     spent = rng.randint(saved // 4, saved - 1)
     left = saved - spent
     return _Draw(
         {"name": rng.choice(_NAMES), "weekly": weekly, "weeks": weeks, "spent": spent,
          "thing": rng.choice(["a bike", "a game", "a coat", "a guitar", "shoes", "a tent"])},
-        (f"In {weeks} weeks the savings are {weekly} * {weeks} = {saved} dollars.",
+        (f"In {weeks} weeks the savings are {_times(weekly, weeks)} dollars.",
          f"After buying, {saved} - {spent} = {left} dollars are left."),
         left,
     )
@@ -212,8 +231,8 @@ def _liquid(rng: random.Random) -> _Draw:
     return _Draw(
         {"litres": litres, "poured": poured, "cups": cups,
          "drink": rng.choice(["juice", "milk", "water", "lemonade", "tea"])},
-        (f"{litres} litres are {litres} * 1000 = {ml} ml.",
-         f"The glasses take {poured} * {cups} = {used} ml.",
+        (f"{litres} litres are {_times(litres, 1000)} ml.",
+         f"The glasses take {_times(poured, cups)} ml.",
          f"So {ml} - {used} = {left} ml are left."),
         left,
     )
@@ -226,22 +245,22 @@ def _schedule(rng: random.Random) -> _Draw:
     pauses = brk * (lessons - 1)
     return _Draw(
         {"name": rng.choice(_NAMES), "lessons": lessons, "minutes": minutes, "brk": brk},
-        (f"The lessons take {lessons} * {minutes} = {teaching} minutes.",
-         f"There are {lessons} - 1 = {lessons - 1} breaks of {brk} minutes, so {lessons - 1} * {brk} = {pauses} minutes.",
+        (f"The lessons take {_times(lessons, minutes)} minutes.",
+         f"There are {lessons} - 1 = {lessons - 1} breaks of {brk} minutes, so {_times(lessons - 1, brk)} minutes.",
          f"The day lasts {teaching} + {pauses} = {total} minutes."),
         total,
     )
 
 
 def _harvest(rng: random.Random) -> _Draw:
-    rows, per_row = rng.randint(6, 24), rng.randint(13, 67)
+    rows, per_row = rng.randint(3, 9), rng.randint(13, 97)
     grown = rows * per_row
     sold = rng.randint(grown // 5, grown - 1)
     left = grown - sold
     crop = rng.choice(["cabbages", "pumpkins", "melons", "lettuces", "carrots"])
     return _Draw(
         {"name": rng.choice(_NAMES), "rows": rows, "per_row": per_row, "sold": sold, "crop": crop},
-        (f"The field grows {rows} * {per_row} = {grown} {crop}.",
+        (f"The field grows {_times(rows, per_row)} {crop}.",
          f"After the sale, {grown} - {sold} = {left} {crop} are left."),
         left,
     )
@@ -389,6 +408,48 @@ def extract_answer(text: str) -> str | None:
         return None
     match = _ANSWER_RE.match(text, marker)
     return match.group(1) if match else None
+
+
+_EXPR = r"\d+(?: [-+*/] \d+)*"
+_CHAIN_RE = re.compile(rf"{_EXPR}(?: = {_EXPR})+")
+
+
+def check_steps(text: str) -> tuple[int, int]:
+    """How many of the worked steps in ``text`` are arithmetically right: ``(right, steps)``.
+
+    A step is one ``=`` between two expressions of integers and ``+ - * /`` (so
+    ``83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 581`` holds three steps); a diagnostic of
+    partial credit, not part of exact match.
+    """
+    right = steps = 0
+    for chain in _CHAIN_RE.findall(text):
+        values = [_evaluate(side) for side in chain.split(" = ")]
+        for a, b in zip(values, values[1:], strict=False):
+            steps += 1
+            right += a is not None and a == b
+    return right, steps
+
+
+def _evaluate(expr: str) -> Fraction | None:
+    """The exact value of ``a op b op …`` (``*``/``/`` before ``+``/``-``); None on division by zero."""
+    tokens = expr.split(" ")
+    terms: list[Fraction] = []
+    signs: list[int] = [1]
+    value = Fraction(int(tokens[0]))
+    for op, operand in zip(tokens[1::2], tokens[2::2], strict=True):
+        number = Fraction(int(operand))
+        if op == "*":
+            value *= number
+        elif op == "/":
+            if number == 0:
+                return None
+            value /= number
+        else:
+            terms.append(value)
+            signs.append(1 if op == "+" else -1)
+            value = number
+    terms.append(value)
+    return sum((sign * term for sign, term in zip(signs, terms, strict=True)), Fraction(0))
 
 
 def _value(number: str) -> Decimal | None:

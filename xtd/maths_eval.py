@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from xtd.errors import ConfigError
-from xtd.maths import Problem, answer_stop, extract_answer, is_correct, prompt_view
+from xtd.maths import Problem, answer_stop, check_steps, extract_answer, is_correct, prompt_view
 
 if TYPE_CHECKING:
     from xtd.tokenization import ByteTokenizer
@@ -55,6 +55,8 @@ class MathsOutput:
     prediction: str | None
     correct: bool
     new_tokens: int
+    steps_right: int
+    steps: int
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (one line of the per-problem outputs file)."""
@@ -88,9 +90,15 @@ class MathsScore:
             "correct": sum(o.correct for o in self.outputs),
             "exact_match": self.exact_match,
             "answered": sum(o.prediction is not None for o in self.outputs),
+            "steps": sum(o.steps for o in self.outputs),
+            "step_accuracy": _ratio(sum(o.steps_right for o in self.outputs), sum(o.steps for o in self.outputs)),
             "solution_bits_per_byte": self.bits_per_byte,
             "solution_bytes": self.solution_bytes,
         }
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else math.nan
 
 
 def _prefix_id(tokenizer: ByteTokenizer) -> int | None:
@@ -179,12 +187,12 @@ def _greedy(
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
     new = [[] for _ in range(batch)]
     done = [False] * batch
-    past = None
+    cache = None
     step_ids, step_mask, step_pos = ids, mask, position
     for _ in range(max_new_tokens):
-        result = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
-                       past_key_values=past, use_cache=True)
-        past = result.past_key_values
+        result = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache,
+                       use_cache=True, logits_to_keep=1)
+        cache = result.cache
         nxt = result.logits[:, -1].float().argmax(-1)  # (B,)
         for r in range(batch):
             if done[r]:
@@ -292,7 +300,8 @@ def score_problems(
     generated = generate_solutions(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress)
     outputs = tuple(
-        MathsOutput(p.id, p.kind, p.answer, text, extract_answer(text), is_correct(text, p.answer), count)
+        MathsOutput(p.id, p.kind, p.answer, text, extract_answer(text), is_correct(text, p.answer), count,
+                    *check_steps(text))
         for p, (text, count) in zip(problems, generated, strict=True)
     )
     nll, num_bytes = solution_bits_per_byte(model, tokenizer, prompts, [p.solution for p in problems],

@@ -212,9 +212,11 @@ def latents_projection(names: tuple[str, ...], readers: list[Any], model: torch.
 
 
 def mined_setup(names: tuple[str, ...], readers: list[Any], student_tokenizer: Any, device: torch.device) -> dict[str, Any]:
-    """The MinED student → teacher id map (built once per run, spec §5)."""
+    """The MinED student → teacher id map (spec §5), built once per tokenizer pair and cached
+    under :func:`xtd.assets.cache_dir` (≈ 30 s for two 50k vocabularies)."""
     if "mined" not in names:
         return {}
+    from xtd.assets import cache_dir
     from xtd.losses import build_mined_map
     from xtd.tokenization import tokenizer_from_json
 
@@ -222,5 +224,7 @@ def mined_setup(names: tuple[str, ...], readers: list[Any], student_tokenizer: A
     if len(teachers) > 1:
         raise TokenizerMismatchError(f"{flag('losses')} mined needs every --store to share one teacher tokenizer")
     teacher = tokenizer_from_json(teachers.pop())
-    mined_map = torch.as_tensor(build_mined_map(teacher.token_bytes, student_tokenizer.token_bytes), dtype=torch.long, device=device)
+    mined_map = torch.as_tensor(build_mined_map(
+        teacher.token_bytes, student_tokenizer.token_bytes, cache_path=cache_dir() / "mined"
+    ), dtype=torch.long, device=device)
     return {"mined_map": mined_map, "teacher_vocab_size": teacher.vocab_size}

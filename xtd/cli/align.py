@@ -219,13 +219,28 @@ def _report_command(
     if len(sources) != 1:
         given = ", ".join(flag(s) for s in sources) or "none"
         raise ConfigError(f"--report needs exactly one of --text, --input or --store (given: {given})")
+    from xtd.align_report import report_store, report_texts
+    from xtd.tokenization import load_tokenizer
+
+    allow = config.allow_strip_unicode_normalizer
     if store is not None:
-        result = report_store(store, config)
+        student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=allow)
+        teacher = None
+        if config.teacher_tokenizer is not None:
+            teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=allow)
+        with progress_bar() as bar:
+            task = bar.add_task("auditing", total=None)
+            result = report_store(
+                store, student, teacher=teacher, merge_threshold=config.merge_threshold,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
     else:
         if config.teacher_tokenizer is None:
             raise ConfigError("--teacher-tokenizer is required with --report --text/--input (or pass --store)")
         texts = [text] if text is not None else list(_read_jsonl(input_path))  # type: ignore[arg-type]
-        result = report_texts(texts, config)
+        teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=allow)
+        student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=allow)
+        result = report_texts(texts, teacher, student, add_special_tokens=config.add_special_tokens)
     record = result.to_dict()
     if as_json:
         typer.echo(json.dumps(record, ensure_ascii=False))
@@ -237,91 +252,6 @@ def _report_command(
     for row in format_rows(record):
         table.add_row(*(escape(cell) for cell in row))
     _out.print(table)
-
-
-def report_texts(texts: Sequence[str], config: AlignConfig) -> Any:
-    """The :class:`xtd.align_report.AlignReport` of plain texts (no merge statistics)."""
-    from xtd.align import align_many
-    from xtd.align_report import report_alignments, samples_from_encodings
-    from xtd.tokenization import load_tokenizer
-
-    allow = config.allow_strip_unicode_normalizer
-    teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=allow)  # type: ignore[arg-type]
-    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=allow)
-
-    def batches() -> Iterator[Any]:
-        for lo in range(0, len(texts), _CACHE_BATCH):
-            chunk = list(texts[lo : lo + _CACHE_BATCH])
-            t_enc = teacher.encode_batch(chunk, add_special_tokens=config.add_special_tokens)
-            s_enc = student.encode_batch(chunk, add_special_tokens=config.add_special_tokens)
-            pairs = [
-                (a.spans, b.spans, teacher.special_mask(a.ids), student.special_mask(b.ids))
-                for a, b in zip(t_enc, s_enc, strict=True)
-            ]
-            yield from samples_from_encodings(chunk, t_enc, s_enc, align_many(pairs))
-
-    return report_alignments(batches(), teacher=config.teacher_tokenizer or "", student=config.student_tokenizer)
-
-
-def report_store(url: str, config: AlignConfig) -> Any:
-    """The report over every document of a teacher store, with the merge statistics under γ.
-
-    The student side is built as training builds it (xtd.batching.alignment_inputs); σ^T
-    is the log of the stored boundary mass over all classes after each teacher row.
-
-    Raises:
-        TokenizerMismatchError: ``--teacher-tokenizer`` differs from the store's.
-    """
-    from xtd.align import align_many
-    from xtd.align_report import AlignmentSample, report_alignments
-    from xtd.batching import alignment_inputs, document_text
-    from xtd.storage import open_store
-    from xtd.tokenization import load_tokenizer
-
-    reader = open_store(url)
-    teacher = _store_teacher(reader, url, config)
-    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=config.allow_strip_unicode_normalizer)
-
-    def samples() -> Iterator[AlignmentSample]:
-        with progress_bar() as progress:
-            task = progress.add_task("auditing", total=len(reader))
-            for lo in range(0, len(reader), _CACHE_BATCH):
-                docs = [reader.document(d, topk=False, hidden=False) for d in range(lo, min(lo + _CACHE_BATCH, len(reader)))]
-                texts = [document_text(doc, where=f"store {url!r}: document {lo + k}") for k, doc in enumerate(docs)]
-                sides = [
-                    alignment_inputs(doc, student, enc.ids.astype(np.int64), enc.spans.astype(np.int64))
-                    for doc, enc in zip(docs, student.encode_batch(texts), strict=True)
-                ]
-                pairs = [(x.teacher_spans, x.student_spans, x.teacher_special, x.student_special) for x in sides]
-                for doc, x, al in zip(docs, sides, align_many(pairs), strict=True):
-                    logmass = np.asarray(doc.boundary_logmass, dtype=np.float64)
-                    sigma = np.minimum(np.logaddexp.reduce(logmass, axis=1), 0.0) if logmass.size else np.zeros(0)
-                    yield AlignmentSample(
-                        text=bytes(doc.text), teacher_spans=x.teacher_spans, student_spans=x.student_spans,
-                        teacher_chunk=al.teacher_chunk, student_chunk=al.student_chunk,
-                        chunk_bytes=al.chunk_bytes, chunk_slot=al.chunk_slot, teacher_sigma=sigma,
-                    )
-                progress.update(task, advance=len(docs))
-
-    return report_alignments(
-        samples(), teacher=teacher.name, student=config.student_tokenizer, merge_threshold=config.merge_threshold
-    )
-
-
-def _store_teacher(reader: Any, url: str, config: AlignConfig) -> Any:
-    from xtd.tokenization import load_tokenizer, tokenizer_from_json
-
-    if not reader.tokenizer_json:
-        raise DataError(f"store {url!r} embeds no teacher tokenizer; re-run xtd precompute")
-    teacher = tokenizer_from_json(reader.tokenizer_json, name=f"{url} (teacher)")
-    if config.teacher_tokenizer is not None:
-        given = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=config.allow_strip_unicode_normalizer)
-        if given.digest != teacher.digest:
-            raise TokenizerMismatchError(
-                f"--teacher-tokenizer {config.teacher_tokenizer!r} is not the tokenizer store {url!r} was made "
-                "with; leave --teacher-tokenizer out to use the store's own"
-            )
-    return teacher
 
 
 # -- --cache -------------------------------------------------------------------------
