@@ -136,6 +136,24 @@ def test_exact_match_reads_the_final_answer_only(generated: str, expected: str, 
     assert is_correct(generated, expected) is correct
 
 
+@pytest.mark.parametrize(
+    ("generated", "expected", "correct"),
+    [
+        ("So the total is $\\boxed{72}$.", "72", True),
+        ("\\boxed{1,250}", "1250", True),
+        ("first \\boxed{3} then \\boxed{72}", "72", True),        # the last box counts
+        ("\\boxed{72.}", "72", True),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True),      # non-numbers: identical strings
+        ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}", False),
+        ("\\boxed{720}", "72", False),
+        ("#### 72", "72", False),                                   # the other format
+        ("\\boxed{72", "72", False),                               # unclosed
+    ],
+)
+def test_boxed_answers(generated: str, expected: str, correct: bool) -> None:
+    assert is_correct(generated, expected, "boxed") is correct
+
+
 def test_extract_answer_and_stop_rule() -> None:
     assert extract_answer("work\n#### 1,250 ml") == "1,250"
     assert extract_answer("no marker 12") is None
@@ -144,6 +162,11 @@ def test_extract_answer_and_stop_rule() -> None:
     assert not answer_stop("#### 12")  # the line may continue (123…)
     assert answer_stop("#### 12\n")
     assert answer_stop("#### 12\nmore")
+    assert extract_answer("a \\boxed{x^{2}} b", "boxed") == "x^{2}"
+    assert not answer_stop("\\boxed{12}", "boxed") and answer_stop("\\boxed{12}$.\n", "boxed")
+    assert not answer_stop("\\boxed{1\n", "boxed")
+    with pytest.raises(ConfigError, match="unknown answer format"):
+        extract_answer("#### 1", "words")
 
 
 def test_chat_records_are_data_for_precompute(tmp_path: Path) -> None:

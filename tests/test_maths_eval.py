@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from xtd.errors import ConfigError
 from xtd.evaluate import exact_match, read_tasks
 from xtd.maths import (
     ANSWER_FORMAT,
@@ -26,8 +27,10 @@ from xtd.maths_eval import (
     MathsOutput,
     MathsScore,
     generate_solutions,
+    prompt_ids,
     score_problems,
     solution_bits_per_byte,
+    solution_inputs,
 )
 from xtd.student import load_causal_lm
 from xtd.tokenization import load_tokenizer
@@ -43,6 +46,10 @@ def lm_a(tiny_lm: Path):
 @pytest.fixture(scope="module")
 def tok_a_bt(tiny_lm: Path):
     return load_tokenizer(str(tiny_lm))
+
+
+def _ids(tok, text: str) -> np.ndarray:
+    return np.asarray([tok.bos_id, *tok.encode(text).ids.tolist()], dtype=np.int64)
 
 
 def _reference_greedy(model, tok, prompt: str, max_new_tokens: int, stop=lambda text: False) -> str:
@@ -63,7 +70,8 @@ def _reference_greedy(model, tok, prompt: str, max_new_tokens: int, stop=lambda 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_batched_greedy_matches_one_at_a_time(lm_a, tok_a_bt, batch_size: int) -> None:
-    got = generate_solutions(lm_a, tok_a_bt, PROMPTS, max_new_tokens=12, batch_size=batch_size)
+    got = generate_solutions(lm_a, tok_a_bt, [_ids(tok_a_bt, p) for p in PROMPTS], max_new_tokens=12,
+                             batch_size=batch_size)
     for prompt, (text, count) in zip(PROMPTS, got, strict=True):
         assert text == _reference_greedy(lm_a, tok_a_bt, prompt, 12)
         assert 0 < count <= 12
@@ -73,17 +81,21 @@ def test_stop_rule_cuts_each_row_at_its_first_stop(lm_a, tok_a_bt) -> None:
     def stop(text: str) -> bool:
         return len(text.encode()) >= 5
 
-    got = generate_solutions(lm_a, tok_a_bt, PROMPTS, max_new_tokens=12, batch_size=4, stop=stop)
+    got = generate_solutions(lm_a, tok_a_bt, [_ids(tok_a_bt, p) for p in PROMPTS], max_new_tokens=12,
+                             batch_size=4, stop=stop)
     for prompt, (text, _) in zip(PROMPTS, got, strict=True):
         assert text == _reference_greedy(lm_a, tok_a_bt, prompt, 12, stop)
 
 
 def test_solution_bits_per_byte_matches_naive_reference(lm_a, tok_a_bt) -> None:
-    prompts = ["user: 3 * 4?\nassistant: ", "Q: add 17 and 25\nA:", "x"]
+    questions = ["3 * 4?", "add 17 and 25", "x"]
     solutions = ["3 * 4 = 12\n#### 12", " 17 + 25 = 42\n#### 42", "ÿ #### 0"]
-    nll, num_bytes = solution_bits_per_byte(lm_a, tok_a_bt, prompts, solutions, batch_size=2)
+    inputs = [solution_inputs(tok_a_bt, q, s, mode="store", chat_tokenizer=None)
+              for q, s in zip(questions, solutions, strict=True)]
+    nll, num_bytes = solution_bits_per_byte(lm_a, tok_a_bt, inputs, batch_size=2)
     ref_nll, ref_bytes = 0.0, 0
-    for prompt, solution in zip(prompts, solutions, strict=True):
+    for question, solution in zip(questions, solutions, strict=True):
+        prompt = prompt_view(question, None)
         enc = tok_a_bt.encode(prompt + solution)
         ids = torch.tensor([[tok_a_bt.bos_id, *enc.ids.tolist()]])
         with torch.no_grad():
@@ -95,6 +107,19 @@ def test_solution_bits_per_byte_matches_naive_reference(lm_a, tok_a_bt) -> None:
                 ref_bytes += hi - lo
     assert num_bytes == ref_bytes >= sum(len(s.encode()) for s in solutions)
     assert nll == pytest.approx(ref_nll, rel=1e-5)
+
+
+def test_template_prompt_uses_the_models_own_chat_template() -> None:
+    tok = load_tokenizer("embedded:smollm2")
+    ids = prompt_ids(tok, "What is 2 + 2?", mode="template")
+    assert ids[0] == tok.bos_id == 1 and int((ids == 2).sum()) == 2  # <|im_start|>…<|im_end|> as special ids
+    assert tok.hf.decode(ids.tolist()).endswith("<|im_start|>assistant\n")
+    store = prompt_ids(tok, "What is 2 + 2?", mode="store", chat_tokenizer=tok)
+    assert int((store == 2).sum()) == 0 and store[0] == tok.bos_id  # specials stripped, BOS kept
+    full, first, nbytes = solution_inputs(tok, "What is 2 + 2?", "2 + 2 = 4\n#### 4", mode="template")
+    assert full[:first].tolist() == ids.tolist() and nbytes == len("2 + 2 = 4\n#### 4")
+    with pytest.raises(ConfigError, match="no chat template"):
+        prompt_ids(load_tokenizer("embedded:gpt2"), "q", mode="template")
 
 
 def test_scores_and_outputs() -> None:
@@ -159,7 +184,7 @@ def test_eval_task_hook_scores_the_final_answer(lm_a, tok_a_bt, tmp_path: Path) 
     assert all(t["answer_format"] == ANSWER_FORMAT for t in tasks)
     result = exact_match(lm_a, tok_a_bt, tasks, max_new_tokens=10)
     # The same generations as maths_eval (stop rule and BOS alike); no marker → "" and wrong.
-    ours = generate_solutions(lm_a, tok_a_bt, [t["prompt"] for t in tasks], max_new_tokens=10)
+    ours = generate_solutions(lm_a, tok_a_bt, [_ids(tok_a_bt, t["prompt"]) for t in tasks], max_new_tokens=10)
     assert result.num_correct == 0 and list(result.predictions) == [""] * 4
     assert all("####" not in text for text, _ in ours)
     bad = tmp_path / "bad.jsonl"

@@ -26,10 +26,10 @@ Conventions, the same for every model:
 * **Exact match**: greedy generation after the prompt (BOS-prefixed the same way); the
   prediction is the generated text up to EOS — cut at its first line break when the
   reference answer is one line — and matches when it equals the answer, both stripped
-  of surrounding whitespace. A task line with ``"answer_format": "final-number"``
-  (the maths problems of :mod:`xtd.maths`) is scored on its final answer instead
-  (:func:`xtd.maths.is_correct`), and its generation also stops once the answer line
-  is complete.
+  of surrounding whitespace. A task line with an ``answer_format`` (``final-number``:
+  ``#### 42`` as in the maths problems of :mod:`xtd.maths` and GSM8K; ``boxed``:
+  ``\\boxed{42}``) is scored on its final answer instead (:func:`xtd.maths.is_correct`),
+  and its generation also stops once the answer line is complete.
 
 Dimension letters: ``B`` windows in a batch, ``L`` window length, ``V`` vocabulary,
 ``M`` ensemble members, ``N`` scored positions of one window.
@@ -213,7 +213,7 @@ def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"task file {str(p)!r} does not exist; pass a JSON-lines file with --task")
-    from xtd.maths import ANSWER_FORMAT
+    from xtd.maths import ANSWER_FORMATS
 
     tasks = []
     for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
@@ -221,12 +221,12 @@ def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
             raise DataError(f"{str(p)!r} line {number} needs string fields 'prompt' and 'answer'")
         task = {"prompt": record["prompt"], "answer": record["answer"]}
         if "answer_format" in record:
-            if record["answer_format"] != ANSWER_FORMAT:
+            if record["answer_format"] not in ANSWER_FORMATS:
                 raise DataError(
                     f"{str(p)!r} line {number}: unknown answer_format {record['answer_format']!r}; "
-                    f"use {ANSWER_FORMAT!r} or leave it out"
+                    f"use one of {', '.join(map(repr, ANSWER_FORMATS))} or leave it out"
                 )
-            task["answer_format"] = ANSWER_FORMAT
+            task["answer_format"] = record["answer_format"]
         tasks.append(task)
     if not tasks:
         raise DataError(f"task file {str(p)!r} is empty: no prompt/answer pairs")
@@ -552,17 +552,17 @@ def exact_match(
             if len(ids) == 0:
                 raise DataError("a task prompt is empty and the tokenizer has no BOS: nothing to generate from")
             inputs = torch.from_numpy(ids)[None].to(device)  # (1, n)
-            final_number = "answer_format" in task
-            stop = [maths.AnswerStop(tokenizer, inputs.shape[1])] if final_number else None
+            answer_format = task.get("answer_format")
+            stop = [maths.AnswerStop(tokenizer, inputs.shape[1], answer_format)] if answer_format else None
             with torch.inference_mode():
                 out = model.generate(
                     input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
                     stopping_criteria=stop,
                 )
             generated = tokenizer.hf.decode(out[0, inputs.shape[1] :].tolist(), skip_special_tokens=True)
-            if final_number:
-                prediction = maths.extract_answer(generated) or ""
-                correct += maths.is_correct(generated, task["answer"])
+            if answer_format:
+                prediction = maths.extract_answer(generated, answer_format) or ""
+                correct += maths.is_correct(generated, task["answer"], answer_format)
             else:
                 prediction = _prediction(generated, task["answer"])
                 correct += prediction == task["answer"].strip()

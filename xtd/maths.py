@@ -12,7 +12,9 @@ number directly after the first ``####`` marker (optional sign, digits with opti
 ``,`` thousands separators, optional decimal part), whatever follows it on the line
 ignored. No marker, or no number right after it, is no answer. :func:`is_correct`
 compares that number with the reference by exact decimal value (``95``, ``95.0`` and
-``0,095`` all equal ``95``; ``950``, ``9.5`` and ``94`` do not).
+``0,095`` all equal ``95``; ``950``, ``9.5`` and ``94`` do not). The ``boxed`` format
+(``\\boxed{95}``, the convention of OpenMath2 and MATH solutions) is read the same way
+for the GPU recipe (``experiments/maths_gpu.py``).
 
 **Splits**, disjoint by construction:
 
@@ -58,6 +60,7 @@ __all__ = [
     "KINDS",
     "ANSWER_MARKER",
     "ANSWER_FORMAT",
+    "ANSWER_FORMATS",
     "HASH_BUCKETS",
     "generate",
     "extract_answer",
@@ -79,6 +82,9 @@ ANSWER_MARKER = "####"
 """Starts the answer line of every solution: ``#### 95``."""
 ANSWER_FORMAT = "final-number"
 """``answer_format`` of maths task lines: ``xtd eval --task`` scores them by :func:`is_correct`."""
+ANSWER_FORMATS = (ANSWER_FORMAT, "boxed")
+"""Every ``answer_format``: ``####`` lines (our problems, GSM8K) or ``\\boxed{}`` (OpenMath2, MATH)."""
+_BOXED = "\\boxed{"
 HASH_BUCKETS = 10
 """Train/validation partition: validation holds the questions whose hash is 0 mod this."""
 
@@ -396,18 +402,44 @@ def generate(split: Split, count: int, *, seed: int = 0) -> list[Problem]:
 # --------------------------------------------------------------------------- scoring
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer in generated text: the number right after the first ``####``.
+def extract_answer(text: str, answer_format: str = ANSWER_FORMAT) -> str | None:
+    """The final answer in generated text.
+
+    Args:
+        text: what the model wrote.
+        answer_format: ``final-number``: the number right after the first ``####``;
+            ``boxed``: the content of the last complete ``\\boxed{...}`` (the convention
+            of OpenMath2 and MATH solutions).
 
     Returns:
-        The number as written (``"1,250"``, ``"-3.5"``), or ``None`` when there is no
-        marker or no number directly after it.
+        The answer as written (``"1,250"``, ``"-3.5"``, ``"\\frac{1}{2}"``), or ``None``
+        when the format is not there.
+
+    Raises:
+        ConfigError: an unknown ``answer_format``.
     """
+    if answer_format == "boxed":
+        return _last_boxed(text)
+    if answer_format != ANSWER_FORMAT:
+        raise ConfigError(f"unknown answer format {answer_format!r}; choose from {', '.join(ANSWER_FORMATS)}")
     marker = text.find(ANSWER_MARKER)
     if marker < 0:
         return None
     match = _ANSWER_RE.match(text, marker)
     return match.group(1) if match else None
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind(_BOXED)
+    while start >= 0:
+        depth, i = 1, start + len(_BOXED)
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len(_BOXED) : i - 1].strip()
+        start = text.rfind(_BOXED, 0, start)  # unclosed: try an earlier one
+    return None
 
 
 _EXPR = r"\d+(?: [-+*/] \d+)*"
@@ -459,17 +491,37 @@ def _value(number: str) -> Decimal | None:
         return None
 
 
-def is_correct(generated: str, answer: str) -> bool:
-    """Exact match of the extracted final answer with ``answer``, by decimal value."""
-    found = extract_answer(generated)
+def is_correct(generated: str, answer: str, answer_format: str = ANSWER_FORMAT) -> bool:
+    """Exact match of the extracted final answer with ``answer``, by decimal value.
+
+    A ``boxed`` answer may also carry ``$`` signs, spaces and a trailing full stop;
+    answers that are not numbers (``boxed`` MATH answers such as ``\\frac{1}{2}``)
+    match only as identical strings after that clean-up.
+    """
+    found = extract_answer(generated, answer_format)
     if found is None:
         return False
+    if answer_format == "boxed":
+        found, answer = _clean_boxed(found), _clean_boxed(answer)
     got, want = _value(found), _value(answer)
-    return got is not None and want is not None and got == want
+    if got is not None and want is not None:
+        return got == want
+    return answer_format == "boxed" and found == answer
 
 
-def answer_stop(text: str) -> bool:
-    """Stop rule for generation: the answer line is complete (a line break after ``####``)."""
+def _clean_boxed(answer: str) -> str:
+    return answer.replace("$", "").replace(" ", "").rstrip(".")
+
+
+def answer_stop(text: str, answer_format: str = ANSWER_FORMAT) -> bool:
+    """Stop rule for generation: the answer line is complete.
+
+    ``final-number``: a line break after ``####``; ``boxed``: a line break after a
+    complete ``\\boxed{...}``.
+    """
+    if answer_format == "boxed":
+        start = text.rfind(_BOXED)
+        return start >= 0 and _last_boxed(text) is not None and "\n" in text[start:]
     marker = text.find(ANSWER_MARKER)
     return marker >= 0 and "\n" in text[marker:]
 
@@ -480,18 +532,23 @@ class AnswerStop:
     Args:
         tokenizer: the model's ``ByteTokenizer`` (new tokens are decoded by byte view).
         prompt_length: columns of the prompt; later columns are generated.
+        answer_format: ``final-number`` or ``boxed``.
     """
 
-    def __init__(self, tokenizer: ByteTokenizer, prompt_length: int) -> None:
+    def __init__(self, tokenizer: ByteTokenizer, prompt_length: int, answer_format: str = "final-number") -> None:
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
+        self.answer_format = answer_format
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
         views = self.tokenizer.token_bytes
         done = [
-            answer_stop(b"".join(views[int(i)] for i in row[self.prompt_length :]).decode("utf-8", errors="replace"))
+            answer_stop(
+                b"".join(views[int(i)] for i in row[self.prompt_length :]).decode("utf-8", errors="replace"),
+                self.answer_format,
+            )
             for row in input_ids
         ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -3,21 +3,25 @@
 **Prompt.** A model trained by xtd from a store of chat records learnt the *store
 view* of each conversation: the teacher's chat-template rendering with the template's
 special-token strings removed (they are special rows of the store, not text; see
-:func:`xtd.maths.store_view`), after the student's own BOS. Every model is prompted
-the same way: its BOS (its EOS when it has none), then the store view of the user
-turn and the template's generation prompt. Teacher and students thus read the same
-prompt bytes.
+:func:`xtd.maths.store_view`), after the student's own BOS. ``prompt="store"``
+(the default) prompts every model that way: its BOS (its EOS when it has none), then
+the store view of the user turn and the template's generation prompt, so teacher and
+students read the same prompt bytes. ``prompt="template"`` renders the user turn with
+the model's *own* chat template instead (special tokens as ids), for a model that was
+trained with it and never by xtd (a published teacher, as in the GPU recipe).
 
 **Generation.** Greedy decoding, prompts left-padded in batches; a row stops at its
 EOS, when its answer line is complete (:func:`xtd.maths.answer_stop`: a line break
-after ``####``), or after ``max_new_tokens``. The final answer is read from the
-generated text by :func:`xtd.maths.extract_answer` and scored by
-:func:`xtd.maths.is_correct`. Every problem's output is kept for inspection.
+after ``####``, or after a closed ``\\boxed{}`` in the ``boxed`` format), or after
+``max_new_tokens``. The final answer is read from the generated text by
+:func:`xtd.maths.extract_answer` and scored by :func:`xtd.maths.is_correct`. Every
+problem's output is kept for inspection.
 
 **Bits per byte of solutions.** The negative log-likelihood of each reference
-solution after its prompt, over the solution's UTF-8 bytes: the prompt and solution
-are encoded together, and every token that ends inside the solution is scored (a
-token straddling the boundary counts with all its bytes).
+solution after its prompt, over the solution's UTF-8 bytes. In the store view prompt
+and solution are encoded together, as in training, and every token that ends inside
+the solution is scored (a token straddling the boundary counts with all its bytes);
+with the template the solution's own tokens follow the template's ids.
 
 Dimension letters: ``B`` prompts in a batch, ``L`` padded length, ``V`` vocabulary.
 """
@@ -27,18 +31,37 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from xtd.errors import ConfigError
-from xtd.maths import Problem, answer_stop, check_steps, extract_answer, is_correct, prompt_view
+from xtd.maths import (
+    ANSWER_FORMAT,
+    Problem,
+    answer_stop,
+    check_steps,
+    extract_answer,
+    is_correct,
+    prompt_view,
+)
 
 if TYPE_CHECKING:
     from xtd.tokenization import ByteTokenizer
 
-__all__ = ["MathsOutput", "MathsScore", "generate_solutions", "solution_bits_per_byte", "score_problems"]
+__all__ = [
+    "MathsOutput",
+    "MathsScore",
+    "PromptMode",
+    "prompt_ids",
+    "solution_inputs",
+    "generate_solutions",
+    "solution_bits_per_byte",
+    "score_problems",
+]
+
+PromptMode = Literal["store", "template"]
 
 Progress = Callable[[str, int, int], None]
 """``progress(description, advance, total)``: called with 0 first, then per batch."""
@@ -105,10 +128,65 @@ def _prefix_id(tokenizer: ByteTokenizer) -> int | None:
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
 
-def _prompt_ids(tokenizer: ByteTokenizer, prompt: str) -> np.ndarray:
-    ids = tokenizer.encode(prompt).ids.astype(np.int64)
+def prompt_ids(
+    tokenizer: ByteTokenizer, question: str, *, mode: PromptMode = "store", chat_tokenizer: ByteTokenizer | None = None
+) -> np.ndarray:
+    """(n,) int64 prompt ids of a question (module docstring).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        question: the problem text.
+        mode: ``store`` or ``template``.
+        chat_tokenizer: ``store`` only: the tokenizer whose chat template rendered the
+            training records (:func:`xtd.maths.prompt_view`).
+
+    Raises:
+        ConfigError: ``template`` for a tokenizer without a chat template, or an unknown mode.
+    """
+    if mode == "template":
+        if not getattr(tokenizer.hf, "chat_template", None):
+            raise ConfigError(f"tokenizer {tokenizer.name!r} has no chat template; prompt it with mode 'store'")
+        ids = tokenizer.hf.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return np.asarray(ids, dtype=np.int64)
+    if mode != "store":
+        raise ConfigError(f"unknown prompt mode {mode!r}; choose 'store' or 'template'")
+    return _with_prefix(tokenizer, tokenizer.encode(prompt_view(question, chat_tokenizer)).ids)
+
+
+def _with_prefix(tokenizer: ByteTokenizer, ids: np.ndarray) -> np.ndarray:
     prefix = _prefix_id(tokenizer)
+    ids = np.asarray(ids, dtype=np.int64)
     return np.concatenate([[prefix], ids]).astype(np.int64) if prefix is not None else ids
+
+
+def solution_inputs(
+    tokenizer: ByteTokenizer,
+    question: str,
+    solution: str,
+    *,
+    mode: PromptMode = "store",
+    chat_tokenizer: ByteTokenizer | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """Ids of prompt + solution, the first scored position and the bytes scored (module docstring)."""
+    if mode == "template":
+        prompt = prompt_ids(tokenizer, question, mode=mode)
+        enc = tokenizer.encode(solution)
+        return np.concatenate([prompt, enc.ids.astype(np.int64)]), len(prompt), len(solution.encode("utf-8"))
+    prompt_text = prompt_view(question, chat_tokenizer)
+    if mode != "store":
+        raise ConfigError(f"unknown prompt mode {mode!r}; choose 'store' or 'template'")
+    start = len(prompt_text.encode("utf-8"))
+    enc = tokenizer.encode(prompt_text + solution)
+    scored = np.flatnonzero(enc.spans[:, 1] > start)
+    ids = _with_prefix(tokenizer, enc.ids)
+    offset = len(ids) - len(enc.ids)
+    first = int(scored[0]) + offset if len(scored) else len(ids)
+    width = enc.spans[scored, 1] - enc.spans[scored, 0]
+    if first == 0:  # no BOS and the solution starts the text: its first token has no context
+        first, width = 1, width[1:]
+    return ids, first, int(width.sum())
 
 
 def _tick(progress: Progress | None, description: str, total: int) -> Callable[[int], None]:
@@ -122,7 +200,7 @@ def _tick(progress: Progress | None, description: str, total: int) -> Callable[[
 def generate_solutions(
     model: torch.nn.Module,
     tokenizer: ByteTokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[np.ndarray],
     *,
     max_new_tokens: int = 160,
     batch_size: int = 16,
@@ -134,7 +212,7 @@ def generate_solutions(
     Args:
         model: a causal LM; its embedding table must cover the tokenizer's ids.
         tokenizer: the model's tokenizer.
-        prompts: prompt texts (the BOS is added here).
+        prompts: (n,) int64 prompt ids each, BOS included (:func:`prompt_ids`).
         max_new_tokens: generation budget per prompt.
         batch_size: prompts decoded together.
         stop: a row stops once ``stop(generated text)`` is true.
@@ -148,7 +226,7 @@ def generate_solutions(
     device = next(model.parameters()).device
     eos = tokenizer.eos_id
     pad = next(i for i in (tokenizer.pad_id, eos, 0) if i is not None)
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    encoded = [np.asarray(p, dtype=np.int64) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[tuple[str, int]] = [("", 0)] * len(prompts)
     was_training = model.training
@@ -221,34 +299,26 @@ def _decode(tokenizer: ByteTokenizer, ids: list[int]) -> str:
 def solution_bits_per_byte(
     model: torch.nn.Module,
     tokenizer: ByteTokenizer,
-    prompts: Sequence[str],
-    solutions: Sequence[str],
+    inputs: Sequence[tuple[np.ndarray, int, int]],
     *,
     batch_size: int = 16,
     progress: Progress | None = None,
 ) -> tuple[float, int]:
     """Total NLL (nats) of the solutions after their prompts, and the bytes it covers.
 
+    Args:
+        model, tokenizer: the model under test.
+        inputs: per problem ``(ids, first scored position, scored bytes)`` from
+            :func:`solution_inputs`.
+        batch_size: sequences per forward pass (right-padded).
+        progress: called after each batch.
+
     Returns:
         ``(nll_nats, num_bytes)``; bits per byte = nll / ln 2 / num_bytes.
     """
     device = next(model.parameters()).device
     pad = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
-    prefix = _prefix_id(tokenizer)
-    seqs: list[tuple[np.ndarray, int, int]] = []  # ids, first scored position, scored bytes
-    for prompt, solution in zip(prompts, solutions, strict=True):
-        start = len(prompt.encode("utf-8"))
-        enc = tokenizer.encode(prompt + solution)
-        scored = np.flatnonzero(enc.spans[:, 1] > start)
-        ids = enc.ids.astype(np.int64)
-        offset = 0
-        if prefix is not None:
-            ids, offset = np.concatenate([[prefix], ids]), 1
-        first = int(scored[0]) + offset if len(scored) else len(ids)
-        width = enc.spans[scored, 1] - enc.spans[scored, 0]
-        if first == 0:  # no BOS and the solution starts the text: its first token has no context
-            first, width = 1, width[1:]
-        seqs.append((ids, first, int(width.sum())))
+    seqs = [(np.asarray(ids, dtype=np.int64), first, nbytes) for ids, first, nbytes in inputs]
     was_training = model.training
     model.eval()
     tick = _tick(progress, "scoring solutions", len(seqs))
@@ -278,9 +348,11 @@ def score_problems(
     model: torch.nn.Module,
     tokenizer: ByteTokenizer,
     problems: Sequence[Problem],
-    chat_tokenizer: ByteTokenizer,
+    chat_tokenizer: ByteTokenizer | None,
     *,
     name: str,
+    prompt: PromptMode = "store",
+    answer_format: str = ANSWER_FORMAT,
     max_new_tokens: int = 160,
     batch_size: int = 16,
     progress: Progress | None = None,
@@ -291,19 +363,24 @@ def score_problems(
         model, tokenizer: the model under test and its tokenizer.
         problems: the problems (e.g. ``generate("test", n)``).
         chat_tokenizer: the tokenizer whose chat template rendered the training data
-            (the teacher's); it defines the prompt (:func:`xtd.maths.prompt_view`).
+            (the teacher's); it defines the ``store`` prompt (:func:`xtd.maths.prompt_view`).
         name: the model's name in the result.
+        prompt: ``store`` or ``template`` (module docstring).
+        answer_format: ``final-number`` or ``boxed``.
         max_new_tokens, batch_size: generation settings.
         progress: called after each batch.
     """
-    prompts = [prompt_view(p.question, chat_tokenizer) for p in problems]
-    generated = generate_solutions(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, progress=progress)
+    prompts = [prompt_ids(tokenizer, p.question, mode=prompt, chat_tokenizer=chat_tokenizer) for p in problems]
+    generated = generate_solutions(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        stop=lambda text: answer_stop(text, answer_format), progress=progress,
+    )
     outputs = tuple(
-        MathsOutput(p.id, p.kind, p.answer, text, extract_answer(text), is_correct(text, p.answer), count,
-                    *check_steps(text))
+        MathsOutput(p.id, p.kind, p.answer, text, extract_answer(text, answer_format),
+                    is_correct(text, p.answer, answer_format), count, *check_steps(text))
         for p, (text, count) in zip(problems, generated, strict=True)
     )
-    nll, num_bytes = solution_bits_per_byte(model, tokenizer, prompts, [p.solution for p in problems],
-                                            batch_size=batch_size, progress=progress)
+    inputs = [solution_inputs(tokenizer, p.question, p.solution, mode=prompt, chat_tokenizer=chat_tokenizer)
+              for p in problems]
+    nll, num_bytes = solution_bits_per_byte(model, tokenizer, inputs, batch_size=batch_size, progress=progress)
     return MathsScore(name, outputs, nll, num_bytes)
