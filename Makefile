@@ -16,10 +16,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast demo bench experiment lint clean
+.PHONY: help setup test test-fast demo bench experiment experiment-maths lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install xtd, torch (CPU) and the offline assets
 
@@ -61,8 +61,11 @@ bench: setup  ## run every benchmark; writes results/bench.json and results/benc
 experiment: setup  ## miniature of the paper's Table 1 (≈ 24 min); QUICK=1 for the ≈ 1 min size
 	$(PY) experiments/table1.py --out results $(if $(QUICK),--quick,)
 
+experiment-maths: setup  ## maths use case: SmolLM2 maths teacher → GPT-2-tokenizer student (≤ 60 min); QUICK=1 for the CI size
+	$(PY) experiments/maths.py --out results --work runs/maths $(if $(QUICK),--quick,)
+
 lint: setup  ## ruff
-	$(VENV)/bin/ruff check xtd tests bench
+	$(VENV)/bin/ruff check xtd tests bench experiments
 
 clean:  ## remove runs, caches and the venv
 	rm -rf $(VENV) runs .pytest_cache build *.egg-info
