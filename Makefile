@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: help setup test test-fast demo bench experiment experiment-maths lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install xtd, torch (CPU) and the offline assets
 

@@ -7,7 +7,7 @@ Usage::
     python experiments/maths.py --out /tmp/m --quick           # ≈ 1-2 min smoke size (runs in CI)
 
 The setting, scaled down from the paper's OpenMath2-Llama3.1-8B → Gemma2-2B
-experiment (docs/method.md, "Maths"):
+experiment (paper Table 3; README, "Maths: a specialist teacher, a general student"):
 
 1. **Data** (:mod:`xtd.maths`). Generated grade-school word problems with worked
    solutions ending in ``#### <answer>``, as chat records; ``train_problems`` for
@@ -113,9 +113,9 @@ DEFAULT = Size(
 )
 QUICK = Size(
     train_problems=48, test_problems=6, teacher="scratch", teacher_hidden=32, teacher_layers=1,
-    teacher_steps=12, teacher_batch=8, teacher_lr=3e-3, score_untuned_teacher=False,
+    teacher_steps=6, teacher_batch=8, teacher_lr=3e-3, score_untuned_teacher=False,
     student_hidden=32, student_layers=1, pretrain_passages=64, pretrain_steps=4, pretrain_batch=16,
-    pretrain_lr=3e-3, student_steps=4, student_batch=8, student_lr=1e-3, seeds=2, methods=tuple(METHODS),
+    pretrain_lr=3e-3, student_steps=4, student_batch=8, student_lr=1e-3, seeds=1, methods=tuple(METHODS),
     max_new_tokens=24, eval_batch=6,
 )
 

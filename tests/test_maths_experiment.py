@@ -81,7 +81,8 @@ def test_gpu_recipe_commands_parse_into_the_recipe_configs(tmp_path: Path, monke
 
 @pytest.mark.slow
 def test_quick_experiment_writes_table_plot_and_sane_numbers(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "XTD_CACHE": str(tmp_path / "cache")}
+    # The default cache: the MinED map of SmolLM2 × GPT-2 (≈ 30 s to build) is built once per machine.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "maths.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=900,
@@ -94,9 +95,7 @@ def test_quick_experiment_writes_table_plot_and_sane_numbers(tmp_path: Path) -> 
         assert f"| student + {method} |" in table
     assert "numbers split at different places" in table
     runs = results["runs"]
-    assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
-        (m, s) for m in ("SFT", "ALM", "ALM+SFT", "MinED") for s in (0, 1)
-    )
+    assert sorted(r["method"] for r in runs) == sorted(("SFT", "ALM", "ALM+SFT", "MinED"))
     n = results["size"]["test_problems"]
     for record in [results["teacher"], results["student_untrained"], *runs]:
         assert record["problems"] == n and 0 <= record["correct"] <= n

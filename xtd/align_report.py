@@ -18,7 +18,7 @@ a corpus:
   the two sides' token boundaries strictly inside the number differ;
 * **merged groups under γ** (only with the teacher's stored boundary masses):
   chunks merge forward until one whose teacher boundary probability after its last
-  token exceeds γ (docs/method.md, "Debiasing"), as ALM's loss does; the number of
+  token exceeds γ (docs/method.md, "Merging"), as ALM's loss does; the number of
   groups, chunks and tokens per group, and the share of digit bytes in groups of
   several chunks.
 
