@@ -527,3 +527,41 @@ class AlignConfig(ConfigBase):
             raise ConfigError(f"{flag('merge_threshold')} ({self.merge_threshold}) must be in [0, 1)")
         if self.teacher_tokenizer == "":
             raise ConfigError(f"{flag('teacher_tokenizer')} must name a tokenizer")
+
+
+# ---------------------------------------------------------------------------------------
+# MathsConfig (xtd maths; owned by xtd/cli/maths.py, data from xtd/maths.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MathsConfig(ConfigBase):
+    """Settings of ``xtd maths``: write generated word problems as data and task files."""
+
+    out: str
+    """Folder for train.jsonl, validation.jsonl, test.jsonl (chat records) and test-tasks.jsonl."""
+    train: int = 800
+    """Training problems."""
+    validation: int = 100
+    """Validation problems (same wordings as training, other questions)."""
+    test: int = 100
+    """Test problems (held-out wordings)."""
+    seed: int = 0
+    """Seed of every split's stream."""
+    chat_tokenizer: str = "embedded:smollm2"
+    """Tokenizer whose chat template the teacher renders the records with (it defines the task
+    prompts); ``none`` for precompute's plain 'role: content' rendering (--chat-template never)."""
+    overwrite: bool = False
+    """Replace files that exist."""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not self.out:
+            problems.append(f"{flag('out')} must name a folder")
+        for name in ("train", "validation", "test"):
+            if getattr(self, name) < 0:
+                problems.append(f"{flag(name)} ({getattr(self, name)}) must be >= 0")
+        if not self.chat_tokenizer:
+            problems.append(f"{flag('chat_tokenizer')} must name a tokenizer or be 'none'")
+        if problems:
+            raise ConfigError("; ".join(problems))

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from xtd.errors import ConfigError
 
 if TYPE_CHECKING:
+    from xtd.config import MathsConfig
     from xtd.tokenization import ByteTokenizer
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "prompt_view",
     "task_record",
     "write_split",
+    "write_dataset",
     "split_of_question",
 ]
 
@@ -619,3 +621,29 @@ def write_split(path: str | Path, records: Sequence[dict[str, Any]] | Iterator[d
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_dataset(config: MathsConfig) -> dict[str, Path]:
+    """What ``xtd maths`` writes: chat records per split and the test task file.
+
+    Returns:
+        ``{"train", "validation", "test", "tasks"}`` → the files written.
+
+    Raises:
+        ConfigError: a file exists and ``overwrite`` is off.
+        TokenizerError: the chat tokenizer does not load.
+    """
+    from xtd.tokenization import load_tokenizer
+
+    out = Path(config.out)
+    files = {name: out / f"{name}.jsonl" for name in SPLITS} | {"tasks": out / "test-tasks.jsonl"}
+    existing = [str(p) for p in files.values() if p.exists()]
+    if existing and not config.overwrite:
+        raise ConfigError(f"{existing[0]!r} exists; pass --overwrite to replace it, or another --out")
+    chat = None if config.chat_tokenizer == "none" else load_tokenizer(config.chat_tokenizer)
+    counts = {"train": config.train, "validation": config.validation, "test": config.test}
+    problems = {split: generate(split, counts[split], seed=config.seed) for split in SPLITS}
+    for split in SPLITS:
+        write_split(files[split], [chat_record(p) for p in problems[split]])
+    write_split(files["tasks"], [task_record(p, chat) for p in problems["test"]])
+    return files
