@@ -98,7 +98,7 @@ def test_check_steps_counts_right_and_wrong_steps() -> None:
 
 
 def test_products_are_worked_out_by_place_value() -> None:
-    from xtd.maths import _times
+    from xtd.maths_kinds import times as _times
 
     assert _times(83, 7) == "83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 581"
     assert _times(4, 152) == "4 * 152 = 4 * 100 + 4 * 50 + 4 * 2 = 400 + 200 + 8 = 608"
