@@ -106,13 +106,13 @@ class Size:
 
 DEFAULT = Size(
     train_problems=800, test_problems=100, teacher="smollm2", teacher_hidden=0, teacher_layers=0,
-    teacher_steps=80, teacher_batch=8, teacher_lr=1e-4, score_untuned_teacher=True,
+    teacher_steps=100, teacher_batch=8, teacher_lr=1e-4, score_untuned_teacher=True,
     student_hidden=128, student_layers=4, pretrain_passages=3200, pretrain_steps=200, pretrain_batch=16,
     pretrain_lr=2e-3, student_steps=100, student_batch=16, student_lr=1e-3, seeds=2, methods=tuple(METHODS),
     max_new_tokens=128, eval_batch=25,
 )
 QUICK = Size(
-    train_problems=48, test_problems=6, teacher="scratch", teacher_hidden=32, teacher_layers=1,
+    train_problems=48, test_problems=16, teacher="scratch", teacher_hidden=32, teacher_layers=1,
     teacher_steps=6, teacher_batch=8, teacher_lr=3e-3, score_untuned_teacher=False,
     student_hidden=32, student_layers=1, pretrain_passages=64, pretrain_steps=4, pretrain_batch=16,
     pretrain_lr=3e-3, student_steps=4, student_batch=8, student_lr=1e-3, seeds=1, methods=tuple(METHODS),
@@ -184,8 +184,16 @@ def evaluate_model(folder: str | Path, label: str, problems: list, chat_tok: Byt
     return score
 
 
-def _summary(score: MathsScore, **extra: Any) -> dict[str, Any]:
-    return {**score.to_dict(), **extra}
+def _summary(score: MathsScore, problems: list, **extra: Any) -> dict[str, Any]:
+    """The score's summary, with exact match split by seen and held-out (new) wordings."""
+    new = {p.id for p in problems if p.new_wording}
+    by = {flag: [o.correct for o in score.outputs if (o.id in new) == flag] for flag in (False, True)}
+    return {
+        **score.to_dict(),
+        "exact_match_seen_wordings": sum(by[False]) / len(by[False]) if by[False] else math.nan,
+        "exact_match_new_wordings": sum(by[True]) / len(by[True]) if by[True] else math.nan,
+        **extra,
+    }
 
 
 def run(size: Size, work: Path) -> dict[str, Any]:
@@ -221,12 +229,12 @@ def run(size: Size, work: Path) -> dict[str, Any]:
     clock.lap("teacher training")
     results: dict[str, Any] = {"size": dataclasses.asdict(size)}
     teacher_score = evaluate_model(teacher, "teacher", test_problems, chat_tok, size, outputs)
-    results["teacher"] = _summary(teacher_score, train_tokens=teacher_run.tokens,
+    results["teacher"] = _summary(teacher_score, test_problems, train_tokens=teacher_run.tokens,
                                   model="SmolLM2-135M-Instruct fine-tuned" if size.teacher == "smollm2"
                                   else f"Llama hidden {size.teacher_hidden}, {size.teacher_layers} layers, from scratch")
     if size.score_untuned_teacher:
-        results["teacher_untuned"] = _summary(evaluate_model(init, "teacher-untuned", test_problems, chat_tok, size,
-                                                             outputs), model="SmolLM2-135M-Instruct")
+        untuned = evaluate_model(init, "teacher-untuned", test_problems, chat_tok, size, outputs)
+        results["teacher_untuned"] = _summary(untuned, test_problems, model="SmolLM2-135M-Instruct")
     clock.lap("teacher evaluation")
     console.print(f"[bold]teacher[/]: exact match {teacher_score.exact_match:.1%}, "
                   f"{teacher_score.bits_per_byte:.4f} bits/byte on test solutions")
@@ -257,7 +265,7 @@ def run(size: Size, work: Path) -> dict[str, Any]:
     ))
     clock.lap("student pretraining")
     results["student_untrained"] = _summary(
-        evaluate_model(general, "student-untrained", test_problems, chat_tok, size, outputs),
+        evaluate_model(general, "student-untrained", test_problems, chat_tok, size, outputs), test_problems,
         pretrain_tokens=pretrain.tokens, passages=len(passages),
     )
     clock.lap("student evaluation")
@@ -276,7 +284,7 @@ def run(size: Size, work: Path) -> dict[str, Any]:
             ))
             train_s = time.perf_counter() - t0
             score = evaluate_model(work / f"run-{label}", label, test_problems, chat_tok, size, outputs)
-            runs.append(_summary(score, method=method, seed=seed, train_tokens=result.tokens,
+            runs.append(_summary(score, test_problems, method=method, seed=seed, train_tokens=result.tokens,
                                  train_seconds=round(train_s, 1), seconds=round(time.perf_counter() - t0, 1)))
             console.print(f"  {method:8s} seed {seed}: exact match {score.exact_match:.1%}, "
                           f"{score.bits_per_byte:.4f} bits/byte ({result.tokens:,} tokens, {runs[-1]['seconds']} s)")
@@ -307,6 +315,9 @@ def _pct(value: float) -> str:
 
 
 def _pct_mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
     if len(values) > 1:
         return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
     return f"{100 * values[0]:.1f}"
@@ -317,12 +328,14 @@ def summarise(results: dict[str, Any]) -> str:
     size = results["size"]
     n = size["test_problems"]
     lines = [
-        "| model | tokenizer | exact match, % (test) | bits/byte (test solutions) | answer lines, % | steps right, % |",
-        "|---|---|---|---|---|---|",
+        "| model | tokenizer | exact match, % | seen wordings | new wordings | bits/byte (test solutions) "
+        "| answer lines, % | steps right, % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def single(label: str, tok: str, s: dict[str, Any]) -> None:
         lines.append(f"| {label} | {tok} | {100 * s['exact_match']:.1f} ({s['correct']}/{n}) | "
+                     f"{_pct(s['exact_match_seen_wordings'])} | {_pct(s['exact_match_new_wordings'])} | "
                      f"{s['solution_bits_per_byte']:.4f} | {100 * s['answered'] / n:.0f} | "
                      f"{_pct(s['step_accuracy'])} |")
 
@@ -332,19 +345,23 @@ def summarise(results: dict[str, Any]) -> str:
     single("student, untrained on maths (general)", "GPT-2", results["student_untrained"])
     for method in size["methods"]:
         runs = [r for r in results["runs"] if r["method"] == method]
-        em = [r["exact_match"] for r in runs]
+
+        def cell(key: str, runs: list[dict[str, Any]] = runs) -> str:
+            return _pct_mean_std([r[key] for r in runs])
+
         bpb = [r["solution_bits_per_byte"] for r in runs]
         answered = statistics.mean(r["answered"] / n for r in runs)
-        steps = statistics.mean(r["step_accuracy"] for r in runs if not math.isnan(r["step_accuracy"])) if any(
-            not math.isnan(r["step_accuracy"]) for r in runs) else math.nan
-        lines.append(f"| student + {method} | GPT-2 | {_pct_mean_std(em)} | {_mean_std(bpb)} | "
-                     f"{100 * answered:.0f} | {_pct(steps)} |")
+        steps = [r["step_accuracy"] for r in runs if not math.isnan(r["step_accuracy"])]
+        lines.append(f"| student + {method} | GPT-2 | {cell('exact_match')} | {cell('exact_match_seen_wordings')} | "
+                     f"{cell('exact_match_new_wordings')} | {_mean_std(bpb)} | {100 * answered:.0f} | "
+                     f"{_pct(statistics.mean(steps)) if steps else '–'} |")
     lines.append("")
     teacher_m = results["teacher_params"] / 1e6
     student_m = results["student_params"] / 1e6
     lines.append(
-        f"{size['seeds']} seed(s) per method (mean ± sample standard deviation); {n} test problems (held-out "
-        f"wordings), greedy decoding. Teacher {teacher_m:.0f}M parameters, {size['teacher_steps']} SFT steps × "
+        f"{size['seeds']} seed(s) per method (mean ± sample standard deviation); {n} test problems, half in "
+        f"wordings no training problem uses (*new wordings*), half new questions in the training wordings "
+        f"(*seen wordings*); greedy decoding. Teacher {teacher_m:.0f}M parameters, {size['teacher_steps']} SFT steps × "
         f"{size['teacher_batch']} problems; student {student_m:.1f}M parameters (Llama hidden {size['student_hidden']}, "
         f"{size['student_layers']} layers), pretrained {size['pretrain_steps']} steps × {size['pretrain_batch']} corpus "
         f"passages, then per method {size['student_steps']} steps × {size['student_batch']} of "

@@ -49,11 +49,13 @@ def test_splits_share_no_problem() -> None:
     assert not questions[0] & questions[1]
     assert not questions[0] & questions[2]
     assert not questions[1] & questions[2]
-    # By construction: test only in held-out phrasings, validation/train by the hash partition.
-    held_out = {p.kind: p.phrasing for p in test}
-    assert all(p.phrasing != held_out[p.kind] for p in train + validation)
+    # By construction: held-out wordings only in test; seen wordings partitioned by the hash.
+    assert not any(p.new_wording for p in train + validation)
+    assert sum(p.new_wording for p in test) == 200  # alternate rounds of kinds
+    assert {p.kind for p in test if p.new_wording} == {p.kind for p in test if not p.new_wording} == set(KINDS)
     assert all(split_of_question(p.question) == "train" for p in train)
     assert all(split_of_question(p.question) == "validation" for p in validation)
+    assert all(split_of_question(p.question) == "test" for p in test if not p.new_wording)
     # Other seeds of train never produce a validation or test question either.
     other = {p.question for p in generate("train", 1000, seed=7)}
     assert not other & (questions[1] | questions[2])
@@ -95,6 +97,16 @@ def test_check_steps_counts_right_and_wrong_steps() -> None:
     assert check_steps("83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 571 dollars") == (2, 3)
     assert check_steps("10 - 2 * 3 = 4 and 12 / 4 = 3; 7 / 0 = 1") == (2, 3)
     assert check_steps("no arithmetic, 12 apples") == (0, 0)
+
+
+def test_sums_and_differences_are_worked_out_by_place_value() -> None:
+    from xtd.maths_kinds import minus, plus
+
+    assert plus(192, 25) == "192 + 25 = 192 + 20 + 5 = 212 + 5 = 217"
+    assert plus(440, 669) == "440 + 669 = 440 + 600 + 60 + 9 = 1040 + 60 + 9 = 1100 + 9 = 1109"
+    assert minus(415, 204) == "415 - 204 = 415 - 200 - 4 = 215 - 4 = 211"
+    assert minus(9000, 608) == "9000 - 608 = 9000 - 600 - 8 = 8400 - 8 = 8392"
+    assert plus(5, 3) == "5 + 3 = 8" and minus(1137, 20) == "1137 - 20 = 1117"
 
 
 def test_products_are_worked_out_by_place_value() -> None:

@@ -19,13 +19,13 @@ for the GPU recipe (``experiments/maths_gpu.py``).
 
 **Splits**, disjoint by construction:
 
-* ``test`` problems use only the *held-out phrasing* of each kind (the last one);
-  ``train`` and ``validation`` never use it, so no test question can equal a
-  training question.
-* ``train`` and ``validation`` share the other phrasings and are separated by a hash
-  of the question text: a question whose hash falls in bucket 0 of
-  :data:`HASH_BUCKETS` belongs to validation, any other to train; each split rejects
-  draws that belong to the other.
+* Every kind has several question wordings; the last one is *held out*: only test
+  problems use it, so no test question in it can equal a training question.
+* A question in any other (*seen*) wording belongs to the split that a hash of its
+  text picks (:func:`split_of_question`: bucket 0 of :data:`HASH_BUCKETS` validation,
+  bucket 1 test, the rest train); each split rejects draws that belong to another.
+* Test problems alternate, round by round of kinds, between held-out and seen
+  wordings: half measure new wordings, half new questions in familiar wordings.
 * Each split draws from its own seeded stream (``[split salt, seed]``), and within a
   split a repeated question is redrawn, so a split holds no duplicate either.
 
@@ -79,6 +79,7 @@ __all__ = [
     "write_split",
     "write_dataset",
     "split_of_question",
+    "held_out_phrasing",
 ]
 
 Split = Literal["train", "validation", "test"]
@@ -91,7 +92,7 @@ ANSWER_FORMATS = (ANSWER_FORMAT, "boxed")
 """Every ``answer_format``: ``####`` lines (our problems, GSM8K) or ``\\boxed{}`` (OpenMath2, MATH)."""
 _BOXED = "\\boxed{"
 HASH_BUCKETS = 10
-"""Train/validation partition: validation holds the questions whose hash is 0 mod this."""
+"""Seen-wording partition: hash 0 mod this is validation, 1 test, anything else train."""
 
 _SPLIT_SALT = {"train": 11, "validation": 23, "test": 37}
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
@@ -120,6 +121,11 @@ class Problem:
     solution: str
     answer: str
 
+    @property
+    def new_wording(self) -> bool:
+        """True when the question uses its kind's held-out wording (test problems only)."""
+        return self.phrasing == len(PHRASINGS[self.kind]) - 1
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (what the JSON-lines files hold besides the rendered fields)."""
         return asdict(self)
@@ -129,22 +135,28 @@ class Problem:
 
 
 def split_of_question(question: str) -> Split:
-    """``validation`` or ``train`` for a question in a non-held-out phrasing (hash partition)."""
+    """The split a question in a *seen* wording belongs to: its hash bucket decides.
+
+    Bucket 0 of :data:`HASH_BUCKETS` is validation, bucket 1 test, every other bucket train.
+    """
     digest = hashlib.sha256(question.encode("utf-8")).digest()
-    return "validation" if int.from_bytes(digest[:8], "little") % HASH_BUCKETS == 0 else "train"
+    bucket = int.from_bytes(digest[:8], "little") % HASH_BUCKETS
+    return "validation" if bucket == 0 else "test" if bucket == 1 else "train"
 
 
-def _phrasings_for(split: Split, kind: str) -> list[int]:
-    held_out = len(PHRASINGS[kind]) - 1
-    return [held_out] if split == "test" else list(range(held_out))
+def held_out_phrasing(kind: str) -> int:
+    """Index of the wording of ``kind`` that only test problems use (the last one)."""
+    return len(PHRASINGS[kind]) - 1
 
 
 def generate(split: Split, count: int, *, seed: int = 0) -> list[Problem]:
     """``count`` problems of ``split``, the same for the same ``(split, count, seed)``.
 
     Kinds take turns (problem ``i`` is of kind ``i mod len(KINDS)``); the values and the
-    phrasing are drawn from the split's own stream. The first ``n`` problems of a split
-    do not depend on ``count``.
+    wording are drawn from the split's own stream. Test problems alternate by round of
+    kinds between a held-out wording (odd rounds) and a seen wording (even rounds), so
+    half of them test new wordings and half new questions in familiar ones. The first
+    ``n`` problems of a split do not depend on ``count``.
 
     Raises:
         ConfigError: an unknown split or a negative count.
@@ -160,9 +172,11 @@ def generate(split: Split, count: int, *, seed: int = 0) -> list[Problem]:
     while len(problems) < count:
         kind = kinds[len(problems) % len(kinds)]
         draw = KINDS[kind](rng)
-        phrasing = rng.choice(_phrasings_for(split, kind))
+        held_out = held_out_phrasing(kind)
+        new_wording = split == "test" and (len(problems) // len(kinds)) % 2 == 1
+        phrasing = held_out if new_wording else rng.randrange(held_out)
         question = PHRASINGS[kind][phrasing].format(**draw.fields)
-        if question in seen or (split != "test" and split_of_question(question) != split):
+        if question in seen or (not new_wording and split_of_question(question) != split):
             continue
         seen.add(question)
         solution = "\n".join((*draw.steps, f"{ANSWER_MARKER} {draw.answer}"))

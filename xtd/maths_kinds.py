@@ -3,9 +3,11 @@
 Each kind is a function that draws one problem's numbers from a ``random.Random`` and
 returns the fields its question wordings need, the lines of the worked solution and the
 answer; :data:`PHRASINGS` holds the wordings of each kind, the last of which only the
-test split uses. Multiplications are worked out by place value (:func:`times`), the
-way a careful pupil (or a small model) does them; additions and subtractions carry and
-borrow across multi-digit numbers.
+test split uses. Every multi-digit operation is worked out by place value, the way a
+careful pupil (or a small model) does it: products split the longer factor
+(:func:`times`), sums and differences add or take away the second number one place
+value at a time (:func:`plus`, :func:`minus`), so each step changes one digit position
+of a running total, with its carry or borrow.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KINDS", "PHRASINGS", "Draw", "times"]
+__all__ = ["KINDS", "PHRASINGS", "Draw", "times", "plus", "minus"]
 
 
 _NAMES = ("Maya", "Leo", "Ana", "Tom", "Priya", "Omar", "Lena", "Sam", "Ivy", "Jonas", "Zoe", "Ravi",
@@ -31,6 +33,12 @@ class Draw:
     answer: int
 
 
+def _place_values(n: int) -> list[int]:
+    """The non-zero place values of ``n``, largest first: 608 → [600, 8]."""
+    digits = str(n)
+    return [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"]
+
+
 def times(a: int, b: int) -> str:
     """A product worked out by place value: ``83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 581``.
 
@@ -39,13 +47,37 @@ def times(a: int, b: int) -> str:
     """
     big_first = len(str(a)) >= len(str(b))
     big, small = (a, b) if big_first else (b, a)
-    digits = str(big)
-    parts = [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"]
+    parts = _place_values(big)
     if len(parts) <= 1:
         return f"{a} * {b} = {a * b}"
     terms = [f"{part} * {small}" if big_first else f"{small} * {part}" for part in parts]
     values = [str(part * small) for part in parts]
     return f"{a} * {b} = {' + '.join(terms)} = {' + '.join(values)} = {a * b}"
+
+
+def _running(a: int, b: int, op: str) -> str:
+    parts = _place_values(b)
+    result = a + b if op == "+" else a - b
+    if len(parts) <= 1:
+        return f"{a} {op} {b} = {result}"
+    sign = 1 if op == "+" else -1
+    chain = [f"{a} {op} {b}"]
+    total = a
+    for k in range(len(parts)):
+        chain.append(f" {op} ".join([str(total), *map(str, parts[k:])]))
+        total += sign * parts[k]
+    chain.append(str(result))
+    return " = ".join(chain)
+
+
+def plus(a: int, b: int) -> str:
+    """A sum worked out by place value: ``192 + 25 = 192 + 20 + 5 = 212 + 5 = 217``."""
+    return _running(a, b, "+")
+
+
+def minus(a: int, b: int) -> str:
+    """A difference worked out by place value: ``415 - 204 = 415 - 200 - 4 = 215 - 4 = 211``."""
+    return _running(a, b, "-")
 
 
 def _shopping(rng: random.Random) -> Draw:
@@ -58,7 +90,7 @@ def _shopping(rng: random.Random) -> Draw:
         {"name": rng.choice(_NAMES), "item": item, "extra": extra, "count": count, "price": price,
          "extra_price": extra_price},
         (f"The {item}s cost {times(count, price)} dollars.",
-         f"With the {extra} that is {cost} + {extra_price} = {total} dollars."),
+         f"With the {extra} that is {plus(cost, extra_price)} dollars."),
         total,
     )
 
@@ -71,7 +103,7 @@ def _travel(rng: random.Random) -> Draw:
         {"name": rng.choice(_NAMES), "speed": speed, "hours": hours, "more": more,
          "vehicle": rng.choice(["car", "bus", "train", "truck"])},
         (f"At {speed} km per hour for {hours} hours it covers {times(speed, hours)} km.",
-         f"Then the whole trip is {first} + {more} = {total} km."),
+         f"Then the whole trip is {plus(first, more)} km."),
         total,
     )
 
@@ -100,7 +132,7 @@ def _saving(rng: random.Random) -> Draw:
         {"name": rng.choice(_NAMES), "weekly": weekly, "weeks": weeks, "spent": spent,
          "thing": rng.choice(["a bike", "a game", "a coat", "a guitar", "shoes", "a tent"])},
         (f"In {weeks} weeks the savings are {times(weekly, weeks)} dollars.",
-         f"After buying, {saved} - {spent} = {left} dollars are left."),
+         f"After buying, {minus(saved, spent)} dollars are left."),
         left,
     )
 
@@ -115,9 +147,9 @@ def _collection(rng: random.Random) -> Draw:
     return Draw(
         {"name": rng.choice(_NAMES), "friend": rng.choice(_NAMES), "first": first, "more": more,
          "given": given, "item": item},
-        (f"The friend has {first} + {more} = {second} {item}.",
-         f"Together they have {first} + {second} = {together} {item}.",
-         f"After giving some away, {together} - {given} = {left} {item} remain."),
+        (f"The friend has {plus(first, more)} {item}.",
+         f"Together they have {plus(first, second)} {item}.",
+         f"After giving some away, {minus(together, given)} {item} remain."),
         left,
     )
 
@@ -135,7 +167,7 @@ def _liquid(rng: random.Random) -> Draw:
          "drink": rng.choice(["juice", "milk", "water", "lemonade", "tea"])},
         (f"{litres} litres are {times(litres, 1000)} ml.",
          f"The glasses take {times(poured, cups)} ml.",
-         f"So {ml} - {used} = {left} ml are left."),
+         f"So {minus(ml, used)} ml are left."),
         left,
     )
 
@@ -149,7 +181,7 @@ def _schedule(rng: random.Random) -> Draw:
         {"name": rng.choice(_NAMES), "lessons": lessons, "minutes": minutes, "brk": brk},
         (f"The lessons take {times(lessons, minutes)} minutes.",
          f"There are {lessons} - 1 = {lessons - 1} breaks of {brk} minutes, so {times(lessons - 1, brk)} minutes.",
-         f"The day lasts {teaching} + {pauses} = {total} minutes."),
+         f"The day lasts {plus(teaching, pauses)} minutes."),
         total,
     )
 
@@ -163,7 +195,7 @@ def _harvest(rng: random.Random) -> Draw:
     return Draw(
         {"name": rng.choice(_NAMES), "rows": rows, "per_row": per_row, "sold": sold, "crop": crop},
         (f"The field grows {times(rows, per_row)} {crop}.",
-         f"After the sale, {grown} - {sold} = {left} {crop} are left."),
+         f"After the sale, {minus(grown, sold)} {crop} are left."),
         left,
     )
 
