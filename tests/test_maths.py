@@ -93,7 +93,7 @@ def test_every_step_is_right_and_the_answer_line_ends_the_solution() -> None:
 def test_check_steps_counts_right_and_wrong_steps() -> None:
     from xtd.maths import check_steps
 
-    assert check_steps(generate("train", 1)[0].solution) == (4, 4)
+    assert check_steps(generate("train", 1)[0].solution) == (6, 6)  # 3 * 64 (3 steps), 192 + 25 (3 steps)
     assert check_steps("83 * 7 = 80 * 7 + 3 * 7 = 560 + 21 = 571 dollars") == (2, 3)
     assert check_steps("10 - 2 * 3 = 4 and 12 / 4 = 3; 7 / 0 = 1") == (2, 3)
     assert check_steps("no arithmetic, 12 apples") == (0, 0)
