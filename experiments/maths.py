@@ -23,7 +23,8 @@ experiment (paper Table 3; README, "Maths: a specialist teacher, a general stude
 4. **Student.** A small Llama with the **GPT-2 tokenizer**, which merges digit strings
    into tokens (" 123", "45") where SmolLM2 writes every digit as its own token. It is
    *general*: pretrained by xtd (SFT) on the embedded Shakespeare + King James corpus,
-   never on maths. Untrained on maths it is the lower reference.
+   never on maths (its text store, like the teacher's, comes from a one-layer reader).
+   Untrained on maths it is the lower reference.
 5. **Methods.** From that one initialisation, with the same data order, steps and
    texts per step, full fine-tuning, ``seeds`` seeds each: SFT (on the same
    solutions), ALM, ALM+SFT (GradMag) and MinED.
@@ -254,7 +255,8 @@ def run(size: Size, work: Path) -> dict[str, Any]:
     student_init = make_llama(student_tok, work / "student-init", hidden=size.student_hidden,
                               layers=size.student_layers)
     corpus_store = work / "corpus.zarr"
-    precompute(PrecomputeConfig(out=str(corpus_store), teacher=str(student_init), data=str(corpus), top_k=0,
+    corpus_reader = make_llama(student_tok, work / "corpus-reader", hidden=16, layers=1)  # a text store only
+    precompute(PrecomputeConfig(out=str(corpus_store), teacher=str(corpus_reader), data=str(corpus), top_k=0,
                                 max_length=512, stride=128, overwrite=True))
     general = work / "student-general"
     pretrain = train(TrainConfig(

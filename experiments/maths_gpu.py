@@ -196,7 +196,7 @@ def stage_eval(recipe: Recipe, work: Path) -> dict[str, Any]:
     for label, spec, prompt in models:
         model = load_causal_lm(spec, dtype=torch.bfloat16).to("cuda")
         score = score_problems(model, load_tokenizer(spec), problems, chat, name=label, prompt=prompt,
-                               answer_format="boxed", max_new_tokens=recipe.max_new_tokens,
+                               system=None, answer_format="boxed", max_new_tokens=recipe.max_new_tokens,
                                batch_size=recipe.eval_batch)
         results[label] = score.to_dict()
         print(f"{label}: GSM8K exact match {score.exact_match:.1%}", flush=True)

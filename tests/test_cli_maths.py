@@ -36,7 +36,7 @@ def test_writes_splits_and_a_task_file(tmp_path: Path, tiny_lm: Path) -> None:
     assert set(written) == {"train", "validation", "test", "tasks"}
     train = list(DataSource(str(out / "train.jsonl")))
     assert len(train) == 12 and train[0].messages is not None
-    assert train[0].messages[1]["content"] == generate("train", 1, seed=5)[0].solution
+    assert train[0].messages[-1]["content"] == generate("train", 1, seed=5)[0].solution
     tasks = [json.loads(line) for line in (out / "test-tasks.jsonl").read_text().splitlines()]
     assert [t["answer"] for t in tasks] == [p.answer for p in generate("test", 4, seed=5)]
     assert all(t["answer_format"] == "final-number" and t["prompt"].endswith("assistant\n") for t in tasks)
@@ -50,7 +50,7 @@ def test_writes_splits_and_a_task_file(tmp_path: Path, tiny_lm: Path) -> None:
     assert again.exit_code == 1 and "--overwrite" in again.output and "Traceback" not in again.output
     plain = runner.invoke(app, ["maths", "--out", str(out), "--chat-tokenizer", "none", "--overwrite", "--test", "2"])
     assert plain.exit_code == 0, plain.output
-    assert json.loads((out / "test-tasks.jsonl").read_text().splitlines()[0])["prompt"].startswith("user: ")
+    assert json.loads((out / "test-tasks.jsonl").read_text().splitlines()[0])["prompt"].startswith("system: ")
 
 
 @pytest.mark.parametrize(

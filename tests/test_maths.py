@@ -12,6 +12,7 @@ from xtd.data import DataSource
 from xtd.errors import ConfigError
 from xtd.maths import (
     KINDS,
+    SYSTEM_PROMPT,
     answer_stop,
     chat_record,
     extract_answer,
@@ -189,7 +190,8 @@ def test_chat_records_are_data_for_precompute(tmp_path: Path) -> None:
     records = list(source)
     assert len(records) == 5
     assert records[0].messages is not None
-    assert [m["role"] for m in records[0].messages] == ["user", "assistant"]
-    assert records[0].messages[1]["content"] == problems[0].solution
+    assert [m["role"] for m in records[0].messages] == ["system", "user", "assistant"]
+    assert records[0].messages[0]["content"] == SYSTEM_PROMPT
+    assert records[0].messages[-1]["content"] == problems[0].solution
     line = json.loads(path.read_text().splitlines()[0])
     assert line["answer"] == problems[0].answer and line["id"] == problems[0].id

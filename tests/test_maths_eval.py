@@ -174,7 +174,8 @@ def test_store_view_is_what_precompute_stores(tmp_path: Path, chat_teacher: Path
         assert stored.startswith(prompt_view(problem.question, tok) + problem.solution)
         (lo, hi), = reader[d].loss_spans.tolist()
         assert stored.encode()[lo:hi].decode() == problem.solution
-    assert prompt_view("Q?", None) == "user: Q?\nassistant: "
+    assert prompt_view("Q?", None) == "system: Solve the problem step by step.\nuser: Q?\nassistant: "
+    assert prompt_view("Q?", None, system=None) == "user: Q?\nassistant: "
 
 
 def test_eval_task_hook_scores_the_final_answer(lm_a, tok_a_bt, tmp_path: Path) -> None:

@@ -73,6 +73,8 @@ __all__ = [
     "check_steps",
     "AnswerStop",
     "chat_record",
+    "conversation",
+    "SYSTEM_PROMPT",
     "store_view",
     "prompt_view",
     "task_record",
@@ -84,6 +86,8 @@ __all__ = [
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+SYSTEM_PROMPT = "Solve the problem step by step."
+"""System turn of every chat record (it replaces a template's longer default, e.g. SmolLM2's)."""
 ANSWER_MARKER = "####"
 """Starts the answer line of every solution: ``#### 95``."""
 ANSWER_FORMAT = "final-number"
@@ -343,16 +347,18 @@ class AnswerStop:
 # --------------------------------------------------------------------------- records
 
 
+def conversation(question: str, solution: str | None = None, *, system: str | None = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The messages of a problem: the system prompt (if any), the question, the solution (if given)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
+    if solution is not None:
+        messages.append({"role": "assistant", "content": solution})
+    return messages
+
+
 def chat_record(problem: Problem) -> dict[str, Any]:
     """The conversation of one problem, for ``xtd precompute --data`` / ``xtd train``."""
-    return {
-        "messages": [
-            {"role": "user", "content": problem.question},
-            {"role": "assistant", "content": problem.solution},
-        ],
-        "id": problem.id,
-        "answer": problem.answer,
-    }
+    return {"messages": conversation(problem.question, problem.solution), "id": problem.id, "answer": problem.answer}
 
 
 def store_view(rendered: str, tokenizer: ByteTokenizer) -> str:
@@ -368,7 +374,7 @@ def store_view(rendered: str, tokenizer: ByteTokenizer) -> str:
     return re.sub("|".join(re.escape(s) for s in strings), "", rendered)
 
 
-def prompt_view(question: str, chat_tokenizer: ByteTokenizer | None) -> str:
+def prompt_view(question: str, chat_tokenizer: ByteTokenizer | None, *, system: str | None = SYSTEM_PROMPT) -> str:
     """The prompt of a question as models trained on the store read it (no BOS).
 
     Args:
@@ -376,12 +382,12 @@ def prompt_view(question: str, chat_tokenizer: ByteTokenizer | None) -> str:
         chat_tokenizer: the tokenizer whose chat template rendered the training records
             (the teacher's); ``None`` for the plain ``role: content`` rendering of
             ``xtd precompute --chat-template never``.
+        system: the system prompt of the training records (None: they had none).
     """
+    messages = conversation(question, system=system)
     if chat_tokenizer is None:
-        return f"user: {question}\nassistant: "
-    rendered = chat_tokenizer.hf.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    rendered = chat_tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return store_view(rendered, chat_tokenizer)
 
 

@@ -39,9 +39,11 @@ import torch
 from xtd.errors import ConfigError
 from xtd.maths import (
     ANSWER_FORMAT,
+    SYSTEM_PROMPT,
     Problem,
     answer_stop,
     check_steps,
+    conversation,
     extract_answer,
     is_correct,
     prompt_view,
@@ -129,7 +131,12 @@ def _prefix_id(tokenizer: ByteTokenizer) -> int | None:
 
 
 def prompt_ids(
-    tokenizer: ByteTokenizer, question: str, *, mode: PromptMode = "store", chat_tokenizer: ByteTokenizer | None = None
+    tokenizer: ByteTokenizer,
+    question: str,
+    *,
+    mode: PromptMode = "store",
+    chat_tokenizer: ByteTokenizer | None = None,
+    system: str | None = SYSTEM_PROMPT,
 ) -> np.ndarray:
     """(n,) int64 prompt ids of a question (module docstring).
 
@@ -139,6 +146,7 @@ def prompt_ids(
         mode: ``store`` or ``template``.
         chat_tokenizer: ``store`` only: the tokenizer whose chat template rendered the
             training records (:func:`xtd.maths.prompt_view`).
+        system: the system prompt of the training records (None: none).
 
     Raises:
         ConfigError: ``template`` for a tokenizer without a chat template, or an unknown mode.
@@ -147,12 +155,12 @@ def prompt_ids(
         if not getattr(tokenizer.hf, "chat_template", None):
             raise ConfigError(f"tokenizer {tokenizer.name!r} has no chat template; prompt it with mode 'store'")
         ids = tokenizer.hf.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+            conversation(question, system=system), add_generation_prompt=True, tokenize=True, return_dict=False
         )
         return np.asarray(ids, dtype=np.int64)
     if mode != "store":
         raise ConfigError(f"unknown prompt mode {mode!r}; choose 'store' or 'template'")
-    return _with_prefix(tokenizer, tokenizer.encode(prompt_view(question, chat_tokenizer)).ids)
+    return _with_prefix(tokenizer, tokenizer.encode(prompt_view(question, chat_tokenizer, system=system)).ids)
 
 
 def _with_prefix(tokenizer: ByteTokenizer, ids: np.ndarray) -> np.ndarray:
@@ -168,13 +176,14 @@ def solution_inputs(
     *,
     mode: PromptMode = "store",
     chat_tokenizer: ByteTokenizer | None = None,
+    system: str | None = SYSTEM_PROMPT,
 ) -> tuple[np.ndarray, int, int]:
     """Ids of prompt + solution, the first scored position and the bytes scored (module docstring)."""
     if mode == "template":
-        prompt = prompt_ids(tokenizer, question, mode=mode)
+        prompt = prompt_ids(tokenizer, question, mode=mode, system=system)
         enc = tokenizer.encode(solution)
         return np.concatenate([prompt, enc.ids.astype(np.int64)]), len(prompt), len(solution.encode("utf-8"))
-    prompt_text = prompt_view(question, chat_tokenizer)
+    prompt_text = prompt_view(question, chat_tokenizer, system=system)
     if mode != "store":
         raise ConfigError(f"unknown prompt mode {mode!r}; choose 'store' or 'template'")
     start = len(prompt_text.encode("utf-8"))
@@ -352,6 +361,7 @@ def score_problems(
     *,
     name: str,
     prompt: PromptMode = "store",
+    system: str | None = SYSTEM_PROMPT,
     answer_format: str = ANSWER_FORMAT,
     max_new_tokens: int = 160,
     batch_size: int = 16,
@@ -366,11 +376,13 @@ def score_problems(
             (the teacher's); it defines the ``store`` prompt (:func:`xtd.maths.prompt_view`).
         name: the model's name in the result.
         prompt: ``store`` or ``template`` (module docstring).
+        system: the system prompt of the training records (None: none).
         answer_format: ``final-number`` or ``boxed``.
         max_new_tokens, batch_size: generation settings.
         progress: called after each batch.
     """
-    prompts = [prompt_ids(tokenizer, p.question, mode=prompt, chat_tokenizer=chat_tokenizer) for p in problems]
+    prompts = [prompt_ids(tokenizer, p.question, mode=prompt, chat_tokenizer=chat_tokenizer, system=system)
+               for p in problems]
     generated = generate_solutions(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
         stop=lambda text: answer_stop(text, answer_format), progress=progress,
@@ -380,7 +392,7 @@ def score_problems(
                     is_correct(text, p.answer, answer_format), count, *check_steps(text))
         for p, (text, count) in zip(problems, generated, strict=True)
     )
-    inputs = [solution_inputs(tokenizer, p.question, p.solution, mode=prompt, chat_tokenizer=chat_tokenizer)
-              for p in problems]
+    inputs = [solution_inputs(tokenizer, p.question, p.solution, mode=prompt, chat_tokenizer=chat_tokenizer,
+                              system=system) for p in problems]
     nll, num_bytes = solution_bits_per_byte(model, tokenizer, inputs, batch_size=batch_size, progress=progress)
     return MathsScore(name, outputs, nll, num_bytes)
