@@ -232,7 +232,7 @@ def run(size: Size, work: Path) -> dict[str, Any]:
     teacher_score = evaluate_model(teacher, "teacher", test_problems, chat_tok, size, outputs)
     results["teacher"] = _summary(teacher_score, test_problems, train_tokens=teacher_run.tokens,
                                   model="SmolLM2-135M-Instruct fine-tuned" if size.teacher == "smollm2"
-                                  else f"Llama hidden {size.teacher_hidden}, {size.teacher_layers} layers, from scratch")
+                                  else f"Llama hidden {size.teacher_hidden}, {size.teacher_layers} layer(s), from scratch")
     if size.score_untuned_teacher:
         untuned = evaluate_model(init, "teacher-untuned", test_problems, chat_tok, size, outputs)
         results["teacher_untuned"] = _summary(untuned, test_problems, model="SmolLM2-135M-Instruct")
@@ -365,7 +365,7 @@ def summarise(results: dict[str, Any]) -> str:
         f"wordings no training problem uses (*new wordings*), half new questions in the training wordings "
         f"(*seen wordings*); greedy decoding. Teacher {teacher_m:.0f}M parameters, {size['teacher_steps']} SFT steps × "
         f"{size['teacher_batch']} problems; student {student_m:.1f}M parameters (Llama hidden {size['student_hidden']}, "
-        f"{size['student_layers']} layers), pretrained {size['pretrain_steps']} steps × {size['pretrain_batch']} corpus "
+        f"{size['student_layers']} layer(s)), pretrained {size['pretrain_steps']} steps × {size['pretrain_batch']} corpus "
         f"passages, then per method {size['student_steps']} steps × {size['student_batch']} of "
         f"{size['train_problems']} training problems, full fine-tuning, lr {size['student_lr']}. "
         f"{results['minutes']} min in total (load average {results['load_average_start'][0]} at the start, "
