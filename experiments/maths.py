@@ -397,8 +397,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
             values = [scale * r[key] for r in results["runs"] if r["method"] == method]
             means.append(statistics.mean(values))
             stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.barh(range(len(labels)), means, xerr=stds, color="#4c72b0", capsize=3)
-        ax.axvline(scale * results["teacher"][key], color="black", ls=":", label="teacher")
+        teacher = scale * results["teacher"][key]
+        lo = min(m - e for m, e in zip(means, stds, strict=True))
+        hi = max(m + e for m, e in zip(means, stds, strict=True))
+        if key == "exact_match":
+            lo, hi = 0.0, max(hi, teacher, 1.0) * 1.1
+        else:
+            pad = max(hi - lo, 0.01) * 0.15
+            lo, hi = max(lo - pad, 0.0), hi + pad
+        ax.barh(range(len(labels)), [m - lo for m in means], left=lo, xerr=stds, color="#4c72b0", capsize=3)
+        if lo <= teacher <= hi:
+            ax.axvline(teacher, color="black", ls=":", label=f"teacher ({teacher:.4g})")
+        else:
+            ax.plot([], [], color="black", ls=":", label=f"teacher: {teacher:.4g} (off scale)")
+        ax.set_xlim(lo, hi)
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xlabel(title)
         ax.legend(loc="lower right", fontsize=8)
