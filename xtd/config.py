@@ -545,7 +545,7 @@ class MathsConfig(ConfigBase):
     validation: int = 100
     """Validation problems (same wordings as training, other questions)."""
     test: int = 100
-    """Test problems (held-out wordings)."""
+    """Test problems (half in held-out wordings, half new questions in seen ones)."""
     seed: int = 0
     """Seed of every split's stream."""
     chat_tokenizer: str = "embedded:smollm2"

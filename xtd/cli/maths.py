@@ -32,7 +32,7 @@ def maths_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the .jsonl files.")],
     train: Annotated[int, typer.Option("--train", help="Training problems.")] = MathsConfig.train,
     validation: Annotated[int, typer.Option("--validation", help="Validation problems.")] = MathsConfig.validation,
-    test: Annotated[int, typer.Option("--test", help="Test problems (held-out wordings).")] = MathsConfig.test,
+    test: Annotated[int, typer.Option("--test", help="Test problems (half in held-out wordings).")] = MathsConfig.test,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every split.")] = MathsConfig.seed,
     chat_tokenizer: Annotated[
         str,
@@ -44,8 +44,9 @@ def maths_command(
     """Write maths word problems with worked solutions: chat records for --data, a task file for xtd eval.
 
     Every solution ends with the line '#### <answer>'; exact match reads the number after
-    the first '####' (xtd eval --task scores test-tasks.jsonl that way). The test split
-    uses wordings that no training or validation problem uses.
+    the first '####' (xtd eval --task scores test-tasks.jsonl that way). No test question
+    is a training or validation question; half of the test problems use wordings that no
+    training or validation problem uses.
     """
     from xtd.maths import write_dataset
 
