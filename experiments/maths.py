@@ -106,11 +106,11 @@ class Size:
 
 
 DEFAULT = Size(
-    train_problems=800, test_problems=100, teacher="smollm2", teacher_hidden=0, teacher_layers=0,
-    teacher_steps=80, teacher_batch=8, teacher_lr=1e-4, score_untuned_teacher=True,
-    student_hidden=128, student_layers=4, pretrain_passages=2400, pretrain_steps=150, pretrain_batch=16,
-    pretrain_lr=2e-3, student_steps=120, student_batch=16, student_lr=2e-3, seeds=2, methods=tuple(METHODS),
-    max_new_tokens=224, eval_batch=25,
+    train_problems=480, test_problems=60, teacher="smollm2", teacher_hidden=0, teacher_layers=0,
+    teacher_steps=60, teacher_batch=8, teacher_lr=1e-4, score_untuned_teacher=True,
+    student_hidden=128, student_layers=4, pretrain_passages=1600, pretrain_steps=100, pretrain_batch=16,
+    pretrain_lr=2e-3, student_steps=80, student_batch=16, student_lr=2e-3, seeds=2, methods=tuple(METHODS),
+    max_new_tokens=224, eval_batch=20,
 )
 QUICK = Size(
     train_problems=48, test_problems=16, teacher="scratch", teacher_hidden=32, teacher_layers=1,
