@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast demo bench experiment experiment-smollm2 experiment-gpu lint clean
+.PHONY: help setup test test-fast demo bench experiment experiment-smollm2 experiment-gpu experiment-maths lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ experiment-smollm2: setup  ## Table 1, setting B: SmolLM2 → GPT-2 tokenizer, L
 GPU_OUT ?= runs/gpu
 experiment-gpu: setup  ## full-size recipe for one GPU (Gemma2-2B → Qwen2/bytes); DRY_RUN=1 prints the commands
 	$(PY) experiments/gpu_recipe.py --out $(GPU_OUT) $(if $(DRY_RUN),--dry-run,)
+
+experiment-maths: setup  ## maths use case: SmolLM2 maths teacher → GPT-2-tokenizer student (≤ 60 min); QUICK=1 for the CI size
+	$(PY) experiments/maths.py --out results --work runs/maths $(if $(QUICK),--quick,)
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check xtd tests bench experiments

@@ -259,7 +259,7 @@ def iter_jsonl(
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """The objects of a JSON-lines file, one per non-blank line, with their 1-based line numbers.
 
-    The one JSONL reader of xtd: :class:`DataSource`, ``xtd align --input`` and
+    The one JSONL reader of xtd: :class:`DataSource`, ``xtd align --text`` and
     ``xtd eval --text/--task`` read through it and then check their own fields. Lines
     are split on ``\\n`` only (a raw U+2028 inside a JSON string stays in its line).
 

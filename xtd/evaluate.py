@@ -27,7 +27,10 @@ Conventions, the same for every model:
 * **Exact match**: greedy generation after the prompt (BOS-prefixed the same way); the
   prediction is the generated text up to EOS — cut at its first line break when the
   reference answer is one line — and matches when it equals the answer, both stripped
-  of surrounding whitespace.
+  of surrounding whitespace. A task line with an ``answer_format`` (``final-number``:
+  ``#### 42`` as in the maths problems of :mod:`xtd.maths` and GSM8K; ``boxed``:
+  ``\\boxed{42}``) is scored on its final answer instead (:func:`xtd.maths.is_correct`),
+  and its generation also stops once the answer line is complete.
 
 Dimension letters: ``B`` windows in a batch, ``L`` window length, ``V`` vocabulary,
 ``M`` ensemble members, ``N`` scored positions of one window.
@@ -459,6 +462,8 @@ def exact_match(
     """
     from transformers import GenerationConfig
 
+    from xtd import maths
+
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens ({max_new_tokens}) must be at least 1")
     name = name or type(model).__name__
@@ -482,14 +487,21 @@ def exact_match(
             if len(ids) == 0:
                 raise DataError("a task prompt is empty and the tokenizer has no BOS: nothing to generate from")
             inputs = torch.from_numpy(ids)[None].to(device)  # (1, n)
+            answer_format = task.get("answer_format")
+            stop = [maths.AnswerStop(tokenizer, inputs.shape[1], answer_format)] if answer_format else None
             with torch.inference_mode():
                 out = model.generate(
-                    input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config
+                    input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
+                    stopping_criteria=stop,
                 )
             generated = tokenizer.hf.decode(out[0, inputs.shape[1] :].tolist(), skip_special_tokens=True)
-            prediction = _prediction(generated, task["answer"])
+            if answer_format:
+                prediction = maths.extract_answer(generated, answer_format) or ""
+                correct += maths.is_correct(generated, task["answer"], answer_format)
+            else:
+                prediction = _prediction(generated, task["answer"])
+                correct += prediction == task["answer"].strip()
             predictions.append(prediction)
-            correct += prediction == task["answer"].strip()
             if tick is not None:
                 tick(1)
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 from xtd.assets import iter_embedded_corpus
 from xtd.data import iter_jsonl
 from xtd.errors import ConfigError, DataError
+from xtd.maths import ANSWER_FORMATS
 
 __all__ = ["held_out_texts", "read_prompts", "read_tasks", "read_texts"]
 
@@ -46,7 +47,8 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
 
 
 def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Prompt/answer pairs from a JSON-lines file (``{"prompt": ..., "answer": ...}``).
+    """Prompt/answer pairs from a JSON-lines file (``{"prompt": ..., "answer": ...}``, optionally
+    ``"answer_format"``: one of :data:`xtd.maths.ANSWER_FORMATS`).
 
     Raises:
         DataError: missing or empty file, bad JSON or UTF-8, a line without string fields.
@@ -58,7 +60,15 @@ def read_tasks(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     for number, record in iter_jsonl(p, fix="convert it to UTF-8"):
         if not all(isinstance(record.get(k), str) for k in ("prompt", "answer")):
             raise DataError(f"{str(p)!r} line {number} needs string fields 'prompt' and 'answer'")
-        tasks.append({"prompt": record["prompt"], "answer": record["answer"]})
+        task = {"prompt": record["prompt"], "answer": record["answer"]}
+        if "answer_format" in record:  # scored on the final answer (xtd.maths)
+            if record["answer_format"] not in ANSWER_FORMATS:
+                raise DataError(
+                    f"{str(p)!r} line {number}: unknown answer_format {record['answer_format']!r}; "
+                    f"use one of {', '.join(map(repr, ANSWER_FORMATS))} or leave it out"
+                )
+            task["answer_format"] = record["answer_format"]
+        tasks.append(task)
     if not tasks:
         raise DataError(f"task file {str(p)!r} is empty: no prompt/answer pairs")
     return tasks

@@ -9,6 +9,7 @@ from __future__ import annotations
 from xtd.cli import align as _align  # noqa: F401  (each import registers its commands)
 from xtd.cli import evaluate as _evaluate  # noqa: F401
 from xtd.cli import hypernet as _hypernet  # noqa: F401
+from xtd.cli import maths as _maths  # noqa: F401
 from xtd.cli import precompute as _precompute  # noqa: F401
 from xtd.cli import share as _share  # noqa: F401
 from xtd.cli import store as _store  # noqa: F401

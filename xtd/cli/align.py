@@ -8,6 +8,11 @@ student tokens | bytes) per text. ``--json`` prints one line:
 byte offsets into the UTF-8 text. ``--cache STORE`` computes the student tokens and chunk
 ids of every document of a teacher store (:mod:`xtd.alignment_cache`); with ``--json`` it
 prints ``{"store", "documents", "nothing_to_do"}``.
+
+``--report`` audits the pair over a whole corpus instead (:mod:`xtd.align_report`): chunk
+counts and lengths, digit bytes in multi-token chunks, numbers split at different places
+and, over a teacher store (``--store``), the groups that merging under γ makes; a table, or
+one line of JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ EXAMPLES = """
   xtd align --text texts.jsonl --teacher-tokenizer embedded:smollm2 --student-tokenizer embedded:mistral-v1 --json
 
   xtd align --cache runs/teacher.zarr --student-tokenizer embedded:gpt2
+
+  xtd align --report --store runs/maths/teacher.zarr --student-tokenizer embedded:gpt2 --json
 """
 
 _out = results  # stdout carries results only
@@ -54,6 +61,11 @@ def align_command(
 ) -> None:
     """Chunk two tokenizations of the same text, or cache a student's alignment in a store."""
     given = (("TEXT", literal), ("--text", config.text), ("--cache", config.cache))
+    if config.report:
+        _report_command(config, literal=literal, as_json=as_json)
+        return
+    if config.store is not None:
+        raise ConfigError(f"{flag('store')} is the corpus of {flag('report')}; to cache alignments in a store pass {flag('cache')}")
     sources = [name for name, value in given if value is not None]
     if len(sources) != 1:
         raise ConfigError(f"give exactly one of TEXT, --text FILE or --cache STORE (given: {', '.join(sources) or 'none'})")
@@ -150,3 +162,46 @@ def _print_table(record: dict[str, Any], text: str, teacher: Any, student: Any, 
         f"student {covered_s}/{len(record['student'])} tokens · {len(raw)} bytes",
         highlight=False,
     )
+
+
+# -- --report ------------------------------------------------------------------------
+
+
+def _report_command(config: AlignConfig, *, literal: str | None, as_json: bool) -> None:
+    from xtd.align_report import format_rows, report_store, report_texts
+
+    if config.cache is not None:
+        raise ConfigError(f"{flag('report')} reads a store with {flag('store')}, not {flag('cache')} (which writes alignments)")
+    given = (("TEXT", literal), ("--text", config.text), ("--store", config.store))
+    sources = [name for name, value in given if value is not None]
+    if len(sources) != 1:
+        raise ConfigError(f"{flag('report')} needs exactly one of TEXT, --text FILE or --store STORE (given: {', '.join(sources) or 'none'})")
+    allow = config.allow_strip_unicode_normalizer
+    student = load_tokenizer(config.student_tokenizer, allow_strip_unicode_normalizer=allow)
+    if config.store is not None:
+        teacher = None
+        if config.teacher_tokenizer is not None:
+            teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=allow)
+        with progress_bar() as bar:
+            task = bar.add_task("auditing", total=None)
+            result = report_store(
+                config.store, student, teacher=teacher, merge_threshold=config.merge_threshold,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    else:
+        if config.teacher_tokenizer is None:
+            raise ConfigError(f"{flag('teacher_tokenizer')} is required with {flag('report')} and TEXT or {flag('text')} (or pass {flag('store')})")
+        texts = [literal] if literal is not None else read_texts(config.text)  # type: ignore[arg-type]
+        teacher = load_tokenizer(config.teacher_tokenizer, allow_strip_unicode_normalizer=allow)
+        result = report_texts(texts, teacher, student, add_special_tokens=config.add_special_tokens)
+    record = result.to_dict()
+    if as_json:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    table = Table(title="alignment report")
+    table.add_column("quantity")
+    table.add_column(f"teacher ({escape(result.teacher)})", justify="right")
+    table.add_column(f"student ({escape(result.student)})", justify="right")
+    for row in format_rows(record):
+        table.add_row(*(escape(cell) for cell in row))
+    _out.print(table)

@@ -8,7 +8,8 @@ with every output (store attributes, ``train_config.json``, checkpoint ``config.
 
 One module per command: :mod:`~xtd.config.train` (with the :class:`ALMSettings`,
 :class:`DataSettings` and :class:`OptimSettings` sections), :mod:`~xtd.config.evaluate`,
-:mod:`~xtd.config.precompute`, :mod:`~xtd.config.align`, :mod:`~xtd.config.hypernet`; the
+:mod:`~xtd.config.precompute`, :mod:`~xtd.config.align`, :mod:`~xtd.config.hypernet`,
+:mod:`~xtd.config.maths`; the
 shared machinery, dtype and device spellings in :mod:`~xtd.config._base`.
 """
 
@@ -29,6 +30,7 @@ from xtd.config._base import (
 from xtd.config.align import AlignConfig
 from xtd.config.evaluate import EVAL_COMBINE_RULES, EVAL_DEFAULT_HELD_OUT, EvalConfig
 from xtd.config.hypernet import RESIDUALS, HypernetApplyConfig, HypernetConfig, SamplerConfig
+from xtd.config.maths import MathsConfig
 from xtd.config.precompute import (
     PRECOMPUTE_CHAT_TEMPLATES,
     PRECOMPUTE_ERRORS,
@@ -63,6 +65,7 @@ __all__ = [
     "HypernetApplyConfig",
     "HypernetConfig",
     "Leaf",
+    "MathsConfig",
     "OptimSettings",
     "PrecomputeConfig",
     "SamplerConfig",

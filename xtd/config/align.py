@@ -30,10 +30,15 @@ class AlignConfig(ConfigBase):
     add_special_tokens: bool = option(False, help="Let each tokenizer add its own special tokens (bos/eos) to the texts.")
     allow_strip_unicode_normalizer: bool = option(False, help="Remove an NFC/NFKC normaliser (with a warning) instead of refusing the tokenizer.")
     overwrite: bool = option(False, help="With --cache: replace an existing cached alignment for this student tokenizer.")
+    report: bool = option(False, help="Audit the pair over a corpus (chunks, digits, numbers, merged groups) instead of listing chunks.")
+    store: str | None = option(None, metavar="STORE", help="With --report: a teacher store as the corpus (adds the merge statistics).")
+    merge_threshold: float = option(0.1, metavar="GAMMA", help="With --report --store: γ of the merge statistics (chunks merge until the teacher's boundary probability exceeds it).")
 
     def __post_init__(self) -> None:
         if not self.student_tokenizer:
             raise ConfigError(f"{flag('student_tokenizer')} must name a tokenizer")
+        if not 0.0 <= self.merge_threshold < 1.0:
+            raise ConfigError(f"{flag('merge_threshold')} ({self.merge_threshold}) must be in [0, 1)")
         if self.teacher_tokenizer == "":
             raise ConfigError(f"{flag('teacher_tokenizer')} must name a tokenizer")
         if self.text is not None and self.cache is not None:
