@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from xtd.cli._options import config_args  # noqa: E402
 from xtd.config import TrainConfig  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
@@ -76,29 +77,9 @@ class Recipe:
     eval_every: int = 500
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def train_args(config: TrainConfig) -> list[str]:
     """``xtd train`` arguments that rebuild ``config`` (every setting that differs from its default)."""
-    args = ["xtd", "train"]
-    values = config.flat_dict()
-    for leaf in TrainConfig.leaves():
-        value = values[leaf.key]
-        value = tuple(value) if isinstance(value, list) else value
-        if not leaf.required and value == leaf.default:
-            continue
-        if isinstance(value, bool):
-            args.append(_flag(leaf.key) if value else "--no-" + leaf.key.replace("_", "-"))
-        elif isinstance(value, tuple) and leaf.sep:
-            args += [_flag(leaf.key), leaf.sep.join(value)]
-        elif isinstance(value, tuple):
-            for item in value:
-                args += [_flag(leaf.key), str(item)]
-        else:
-            args += [_flag(leaf.key), str(value)]
-    return args
+    return ["xtd", "train", *config_args(config)]
 
 
 def train_configs(recipe: Recipe, out: Path) -> list[TrainConfig]:

@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xtd.cli._options import config_args
 from xtd.config import PrecomputeConfig, TrainConfig
 
 TEACHER = "nvidia/OpenMath2-Llama3.1-8B"
@@ -103,36 +104,17 @@ def _slug(method: str) -> str:
     return method.replace("+", "-").lower()
 
 
-def _flags(config: Any, defaults: Any, required: tuple[str, ...]) -> list[str]:
-    """Command-line flags of the required fields and of every field that differs from the defaults."""
-    out: list[str] = []
-    for field in dataclasses.fields(config):
-        value, default = getattr(config, field.name), getattr(defaults, field.name)
-        if value == default and field.name not in required:
-            continue
-        name = "--" + field.name.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(name if value else "--no-" + field.name.replace("_", "-"))
-        elif isinstance(value, tuple):
-            for item in value:
-                out += [name, str(item)]
-        else:
-            out += [name, str(value)]
-    return out
-
-
 def commands(recipe: Recipe, work: Path) -> dict[str, list[str]]:
     """The shell command of every stage, in order."""
     launch = ["torchrun", "--standalone", f"--nproc-per-node={recipe.gpus}", "-m", "xtd"]
     pre = precompute_config(recipe, work)
     steps = {
         "data": [sys.executable, __file__, "--work", str(work), "--stage", "data"],
-        "precompute": [*launch, "precompute", *_flags(pre, PrecomputeConfig(out=pre.out), ("out",))],
+        "precompute": [*launch, "precompute", *config_args(pre)],
     }
     for method in recipe.methods:
         config = train_config(recipe, work, method)
-        defaults = TrainConfig(store=config.store, out=config.out)
-        steps[f"train-{method}"] = [*launch, "train", *_flags(config, defaults, ("store", "out"))]
+        steps[f"train-{method}"] = [*launch, "train", *config_args(config)]
     steps["eval"] = [sys.executable, __file__, "--work", str(work), "--stage", "eval"]
     return steps
 

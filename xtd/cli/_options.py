@@ -80,6 +80,30 @@ def _parameter(leaf: Leaf) -> inspect.Parameter:
     )
 
 
+def config_args(config: ConfigBase) -> list[str]:
+    """Command-line flags that rebuild ``config``: every required leaf and every leaf that
+    differs from its default (what a recipe prints for ``xtd <verb>``; the inverse of the
+    options generated here)."""
+    args: list[str] = []
+    values = config.flat_dict()
+    for leaf in type(config).leaves():
+        value = values[leaf.key]
+        value = tuple(value) if isinstance(value, list) else value
+        if not leaf.required and value == leaf.default:
+            continue
+        word = leaf.key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{word}" if value else f"--no-{word}")
+        elif isinstance(value, tuple) and leaf.sep:
+            args += [f"--{word}", leaf.sep.join(value)]
+        elif isinstance(value, tuple):
+            for item in value:
+                args += [f"--{word}", str(item)]
+        else:
+            args += [f"--{word}", str(value)]
+    return args
+
+
 def typed_values(config_cls: type[ConfigBase], values: Mapping[str, Any]) -> dict[str, Any]:
     """CLI values of the leaves, as the config takes them (comma-separated fields split)."""
     out: dict[str, Any] = {}
