@@ -28,7 +28,14 @@ from xtd.config._base import (
 )
 from xtd.config.align import AlignConfig
 from xtd.config.evaluate import EVAL_COMBINE_RULES, EVAL_DEFAULT_HELD_OUT, EvalConfig
-from xtd.config.hypernet import RESIDUALS, HypernetApplyConfig, HypernetConfig, SamplerConfig
+from xtd.config.hypernet import (
+    HYPERNET_LOSSES,
+    RESIDUALS,
+    HypernetApplyConfig,
+    HypernetConfig,
+    HypernetTrainConfig,
+    SamplerConfig,
+)
 from xtd.config.precompute import (
     PRECOMPUTE_CHAT_TEMPLATES,
     PRECOMPUTE_ERRORS,
@@ -53,6 +60,7 @@ __all__ = [
     "PRECOMPUTE_CHAT_TEMPLATES",
     "PRECOMPUTE_ERRORS",
     "PRECOMPUTE_TOPK_CODECS",
+    "HYPERNET_LOSSES",
     "RESIDUALS",
     "TRAIN_ALM_DISTANCES",
     "ALMSettings",
@@ -62,6 +70,7 @@ __all__ = [
     "EvalConfig",
     "HypernetApplyConfig",
     "HypernetConfig",
+    "HypernetTrainConfig",
     "Leaf",
     "OptimSettings",
     "PrecomputeConfig",
