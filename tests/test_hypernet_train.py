@@ -187,3 +187,31 @@ def test_train_init_from_a_hypernetwork_is_hypernet_apply(own_store: Path, tiny_
         result = runner.invoke(app, ["train", "--store", str(own_store), "--out", str(tmp_path / "x"), *args])
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert result.output.startswith("error:") and phrase in result.output, result.output
+
+
+def test_predicted_lm_at_identity_is_the_base_model_with_a_soft_capped_head(tok_a, tok_a_path: Path, tmp_path: Path) -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from xtd.config import HypernetConfig
+    from xtd.hypernet.model import build_hypernet
+    from xtd.hypernet.train import PredictedLM
+    from xtd.tokenization import load_tokenizer
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tok_a), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0, pad_token_id=tok_a.pad_token_id,
+        bos_token_id=tok_a.bos_token_id, eos_token_id=tok_a.eos_token_id,
+    )  # fmt: skip
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    tok_a.save_pretrained(tmp_path / "gemma")
+    bundle = build_hypernet(tmp_path / "gemma", HypernetConfig(num_heads=4, num_layers=1))
+    base = load_tokenizer(str(tok_a_path))
+    model = PredictedLM(bundle.hypernet, bundle.model)
+    model.pieces = torch.from_numpy(bundle.decompose(base).pieces)
+    ids = torch.from_numpy(base.encode("To be, or not to be, that is the question").ids.astype(np.int64))[None]
+    with torch.no_grad():
+        got = model(ids, torch.ones_like(ids))
+        want = bundle.model(input_ids=ids).logits
+    assert float(want.abs().max()) < 3.0  # the cap is live
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -93,16 +93,22 @@ class PredictedLM(nn.Module):
         hypernet: the trainable hypernetwork.
         base: the frozen base causal LM the hypernetwork was built on.
 
+    A base model's embedding scale (an ``embed_scale`` of its input embedding module, e.g.
+    Gemma's √H), logit scale and final soft-cap (``logit_scale``,
+    ``final_logit_softcapping`` in its config, e.g. Gemma 2) are applied as its own
+    modules apply them.
+
     Raises:
-        ConfigError: a base model whose logits are more than its final hidden states
-            times its output matrix (a soft-cap or logit scale), or one without a body.
+        ConfigError: a base model without a transformer body (``base_model_prefix``).
     """
 
     def __init__(self, hypernet: Hypernet, base: nn.Module) -> None:
         super().__init__()
         config = getattr(base, "config", None)
-        if any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
-            raise ConfigError("the base model post-processes its logits (soft-cap or logit scale); xtd hypernet train does not support it")
+        self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        scale = getattr(base.get_input_embeddings(), "embed_scale", None)
+        self.embed_scale = float(scale) if scale is not None else 1.0
         self.body_name = getattr(base, "base_model_prefix", "") or ""
         if getattr(base, self.body_name, None) is None:
             raise ConfigError(f"the base model {type(base).__name__} has no transformer body (base_model_prefix)")
@@ -132,7 +138,8 @@ class PredictedLM(nn.Module):
         emb_in = rows[:, :h]
         emb_out = rows[:, h : 2 * h] if self.layout.separate_output else emb_in
         body = getattr(self.base, self.body_name)
-        kwargs = {"inputs_embeds": emb_in[input_ids], "attention_mask": attention_mask.long(), "use_cache": False}
+        embeds = emb_in[input_ids] * self.embed_scale if self.embed_scale != 1.0 else emb_in[input_ids]  # (B, S, H)
+        kwargs = {"inputs_embeds": embeds, "attention_mask": attention_mask.long(), "use_cache": False}
         if autocast_dtype is not None:
             with torch.autocast(input_ids.device.type, dtype=autocast_dtype):
                 hidden = body(**kwargs).last_hidden_state
@@ -141,6 +148,10 @@ class PredictedLM(nn.Module):
         logits = hidden.float() @ emb_out.T  # (B, S, U)
         if self.layout.output_bias:
             logits = logits + rows[:, -1]
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
 
