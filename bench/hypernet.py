@@ -2,13 +2,15 @@
 
 Every ``xtd hypernet train`` step samples a tokenizer, tokenizes the step's texts with it,
 aligns them with the teacher's stored spans, chooses and decomposes the step's vocabulary
-(all before the model runs: the metrics' ``data_s``, of which ``sample_s`` is drawing the
-tokenizer), then predicts the embeddings, runs the frozen base model and steps AdamW (the
+(the metrics' ``data_s``, of which ``sample_s`` is drawing the tokenizer), then predicts the embeddings, runs the frozen base model and steps AdamW (the
 metrics' ``step_time_s``). This benchmark runs ``xtd hypernet train`` (ALM) at the default
 size of ``experiments/hypernet.py`` on a store it writes first, and reads those figures
 from the run's metrics.
 
-Target: data preparation ≤ 10% of the training step at that size (base: Llama hidden 64,
+Since the next step's data is prepared in a thread while a step trains, what the run pays
+is the wait (``data_wait_s``); ``data_s`` (the preparation's own time) is reported too.
+
+Target: the wait for the data ≤ 10% of the training step at that size (base: Llama hidden 64,
 4 layers, byte-level BPE 2,048; 16 passages of ≈ 320 bytes per step, ≤ 128 tokens each;
 sampled vocabularies 3,072 ± 1,024, ≤ 2,048 tokens predicted). Also reported, with no
 target: sampling, preparation (:func:`xtd.hypernet.prepare_step`) and alignment at the
@@ -17,6 +19,10 @@ paper's size (SmolLM2's tokenizer as the base, vocabularies 32,768 ± 8,192, 64 
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see experiments/table1.py
 
 import statistics
 import sys
@@ -117,7 +123,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         vocab_size_max=6144, max_whitespace_run=4,
     )  # fmt: skip
     history = train_hypernet(config).history[1:]  # the first step warms the allocator and AdamW
-    med = {k: statistics.median(float(r[k]) for r in history) for k in ("sample_s", "data_s", "step_time_s")}
+    med = {k: statistics.median(float(r[k]) for r in history) for k in ("sample_s", "data_s", "data_wait_s", "step_time_s")}
     vocab = [int(r["vocab_size"]) for r in history]
     bpt = [float(r["bytes_per_token"]) for r in history]
     tokens = [int(r["tokens"]) for r in history]
@@ -146,6 +152,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "train_step_s": med["step_time_s"],
         "sample_share_of_step": med["sample_s"] / med["step_time_s"],
         "data_share_of_step": med["data_s"] / med["step_time_s"],
+        "data_wait_s": med["data_wait_s"],
         "sampled_vocab_size_mean": float(np.mean(vocab)),
         "sampled_vocab_size_range": f"{min(vocab)}–{max(vocab)}",
         "bytes_per_token_mean": float(np.mean(bpt)),
@@ -158,8 +165,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "hypernet",
         metrics=metrics,
         targets={
-            "sampling+tokenising+alignment+decomposition / hypernetwork step": target(
-                med["data_s"] / med["step_time_s"], "<=", 0.10, unit="×"
+            "wait for the step's data (sampling, tokenising, alignment, decomposition) / hypernetwork step": target(
+                med["data_wait_s"] / med["step_time_s"], "<=", 0.10, unit="×"
             ),
         },
         setup=(
@@ -167,7 +174,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"experiments/hypernet.py: base random Llama hidden 64, 4 layers, BPE 2,048 (tied); hypernetwork 2 "
             f"layers, 4 heads, ≤ 8 pieces; {batch} passages × ≤ {max_tokens} tokens per step; ≤ 2,048 tokens "
             f"predicted; sampled vocabularies 3,072 ± 1,024; median of steps 2..{steps} (the window fills as it "
-            "runs); data = everything before the model runs (metrics data_s), step = step_time_s"
+            "runs); the loop waits data_wait_s for a step's data, prepared (data_s) in a thread while the step before trains"
         ),
     )
 

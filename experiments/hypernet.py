@@ -23,7 +23,9 @@ The design (every number is a field of :class:`Size`):
    (the rows ``xtd hypernet apply`` writes), by FVT, and the original model with its own
    tokenizer.
 5. **Cost.** Each run's metrics give the share of a step spent drawing the tokenizer and
-   preparing the step's data (tokenising and aligning included) against the whole step.
+   preparing the step's data (tokenising and aligning included) against the whole step,
+   and the time the loop waited for that data (it is prepared in a thread while the step
+   before trains) against the training time.
 
 Results: ``hypernet.json``, ``hypernet.md`` and ``hypernet.png`` in ``--out``. Whatever
 comes out is reported as measured.
@@ -160,6 +162,7 @@ def train_hypernets(size: Size, store: Path, base: Path, work: Path) -> dict[str
                 "mean_bytes_per_token": round(statistics.mean(r["bytes_per_token"] for r in hist), 3),
                 "sample_share": round(sum(r["sample_s"] for r in hist) / (data_s + step_s), 4),
                 "data_share": round(data_s / (data_s + step_s), 4),
+                "wait_share": round(sum(r["data_wait_s"] for r in hist) / step_s, 4),
             }  # fmt: skip
             console.print(f"  {method} seed {seed}: {run}")
             runs[method].append(run)
@@ -245,7 +248,13 @@ def write_report(out: Path, results: dict) -> None:
         f"vocabularies averaged {statistics.mean(r['mean_vocab_size'] for r in cost):,.0f} tokens and "
         f"{statistics.mean(r['mean_bytes_per_token'] for r in cost):.2f} bytes/token. Drawing the tokenizer took "
         f"{100 * max(r['sample_share'] for r in cost):.1f}% of a step at most, preparing the whole step's data "
-        f"(drawing, tokenising, aligning, decomposing) {100 * max(r['data_share'] for r in cost):.1f}% at most.",
+        f"(drawing, tokenising, aligning, decomposing) {100 * max(r['data_share'] for r in cost):.1f}% at most"
+        + (
+            f"; prepared in a thread while the step before trains, the wait for it was "
+            f"{100 * max(r['wait_share'] for r in cost):.1f}% of the training time at most."
+            if all("wait_share" in r for r in cost)
+            else "."
+        ),
         "",
     ]
     (out / "hypernet.md").write_text("\n".join(lines))

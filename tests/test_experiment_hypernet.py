@@ -30,6 +30,7 @@ def test_quick_hypernet_experiment(tmp_path: Path) -> None:
     assert set(runs) == {"ALM", "SFT"} and all(len(r) == results["size"]["seeds"] >= 2 for r in runs.values())
     for run in (r for group in runs.values() for r in group):
         assert 0 < run["sample_share"] <= run["data_share"] < 1 and run["mean_bytes_per_token"] > 1
+        assert 0 <= run["wait_share"]
     original = results["evaluation"]["original"]
     for name, entry in results["evaluation"]["tokenizers"].items():
         assert entry["vocab_size"] > 30_000, name

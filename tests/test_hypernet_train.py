@@ -17,7 +17,7 @@ from xtd.config import HypernetTrainConfig
 
 runner = CliRunner()
 
-_TIMING = ("tokens_per_s", "step_time_s", "eta_s", "sample_s", "data_s")
+_TIMING = ("tokens_per_s", "step_time_s", "eta_s", "sample_s", "data_s", "data_wait_s")
 
 
 def _texts() -> list[str]:

@@ -47,8 +47,10 @@ STEP_STATS = ("vocab_size", "bytes_per_token", "predicted_tokens", "mean_pieces"
 """What each step reports about its tokenizer and data (added to the metrics record):
 the drawn tokenizer's vocabulary size, text bytes per (non-special) token, tokens
 predicted (U), mean pieces per predicted token, decompositions cut at ``max_pieces``,
-seconds spent drawing the tokenizer (observing included) and preparing the whole step's
-data (drawing, tokenising, aligning, decomposing)."""
+seconds spent drawing the tokenizer (reading the step's texts and observing included) and
+preparing the whole step's data (drawing, tokenising, aligning, decomposing).
+:mod:`xtd.hypernet.train` prepares a step while the one before trains and adds
+``data_wait_s``, the seconds the loop waited for it."""
 
 
 class HypernetStepDataset(StepDataset):

@@ -17,7 +17,9 @@ hidden size, ``W`` embedding-row width.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,12 +301,20 @@ def _run(
     )
 
     def steps() -> Iterator[tuple[int, StepData]]:
-        for step in range(start_step, config.max_steps):
-            item: dict[str, Any] = dict(dataset[step])
-            model.pieces = item["pieces"].to(ctx.device)
-            objective.boundary_mask = item["boundary_mask"].to(ctx.device)
-            objective.stats = item["stats"]
-            yield step, item  # type: ignore[misc]
+        """Each step's data, the next step's prepared in a thread while this one trains (in
+        step order, so the sampler's state and every draw are those of a sequential run)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xtd-hypernet-data") as pool:
+            ahead = pool.submit(dataset.__getitem__, start_step) if start_step < config.max_steps else None
+            for step in range(start_step, config.max_steps):
+                t0 = time.perf_counter()
+                assert ahead is not None
+                item: dict[str, Any] = dict(ahead.result())
+                waited = time.perf_counter() - t0
+                ahead = pool.submit(dataset.__getitem__, step + 1) if step + 1 < config.max_steps else None
+                model.pieces = item["pieces"].to(ctx.device)
+                objective.boundary_mask = item["boundary_mask"].to(ctx.device)
+                objective.stats = {**item["stats"], "data_wait_s": waited}
+                yield step, item  # type: ignore[misc]
 
     def after_step(step: int, record: MetricsRecord) -> None:
         if not ctx.main:
