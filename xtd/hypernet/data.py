@@ -17,7 +17,8 @@ tokenizer that changes every step. Step ``s``:
    its tokens are decomposed into base pieces.
 
 The sampler's window is state carried from step to step, so steps are prepared in order in
-the training process (no DataLoader workers). A resumed run replays the sampler's
+the training process (no DataLoader workers; :mod:`xtd.hypernet.train` prepares one step
+ahead in a thread). A resumed run replays the sampler's
 observations of the steps before its checkpoint (texts only, no model), which rebuilds the
 window and its tables exactly as the killed run had them.
 
