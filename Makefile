@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast demo bench experiment experiment-smollm2 experiment-gpu experiment-maths lint clean
+.PHONY: help setup test test-fast demo bench experiment experiment-smollm2 experiment-hypernet experiment-hypernet-gpu experiment-gpu experiment-maths lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -68,6 +68,13 @@ experiment-smollm2: setup  ## Table 1, setting B: SmolLM2 → GPT-2 tokenizer, L
 	$(PY) experiments/smollm2.py --out results
 
 GPU_OUT ?= runs/gpu
+HN_GPU_OUT ?= runs/hn-gpu
+experiment-hypernet: setup  ## use case 3: hypernetwork trained with ALM vs SFT, zero-shot to unseen tokenizers (≤ 60 min); QUICK=1: ≤ 2 min
+	$(PY) experiments/hypernet.py $(if $(QUICK),--quick --out runs/experiment-hypernet-quick,--out results)
+
+experiment-hypernet-gpu: setup  ## use case 3 at full size on one GPU (Gemma2-2B base); DRY_RUN=1 prints the commands and the estimate
+	$(PY) experiments/hypernet_gpu.py --out $(HN_GPU_OUT) $(if $(DRY_RUN),--dry-run,)
+
 experiment-gpu: setup  ## full-size recipe for one GPU (Gemma2-2B → Qwen2/bytes); DRY_RUN=1 prints the commands
 	$(PY) experiments/gpu_recipe.py --out $(GPU_OUT) $(if $(DRY_RUN),--dry-run,)
 
@@ -78,4 +85,4 @@ lint: setup  ## ruff
 	$(VENV)/bin/ruff check xtd tests bench experiments
 
 clean:  ## remove runs, caches and the venv
-	rm -rf $(VENV) runs results/experiment-work .pytest_cache build *.egg-info
+	rm -rf $(VENV) runs results/experiment-work results/hypernet-work .pytest_cache build *.egg-info

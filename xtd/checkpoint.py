@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from xtd.config import TrainConfig, flag
+from xtd.config import ConfigBase, TrainConfig, flag
 from xtd.errors import CheckpointError, ConfigError, StoreExistsError
 from xtd.outputs import (
     canonical_location,
@@ -217,10 +217,11 @@ def prune_checkpoints(out: Path, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+def _comparable(settings: dict[str, Any], cls: type[ConfigBase] = TrainConfig) -> dict[str, Any]:
     """Settings by flag key (nested sections flattened; the flat form of older run folders
-    reads the same), in canonical form: a relative and an absolute path to one store are equal."""
-    out = TrainConfig.flat_values(settings)
+    reads the same), in canonical form: a relative and an absolute path to one store are equal.
+    ``cls``: the run's config class (``xtd train``'s, or another run's such as ``xtd hypernet train``)."""
+    out = cls.flat_values(settings)
     stores = out.get("store")
     if isinstance(stores, list | tuple):
         out["store"] = [canonical_location(str(s)) for s in stores]
@@ -237,7 +238,7 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, where: Path)
     """
     changed = _changed(saved, config)
     if changed:
-        old, now = TrainConfig.flat_values(saved), config.flat_dict()
+        old, now = type(config).flat_values(saved), config.flat_dict()
         details = ", ".join(f"{flag(k)} {old.get(k)!r} → {now[k]!r}" for k in changed)
         raise ConfigError(
             f"cannot --resume from {str(where)!r}: {details} changed; use the original settings, "
@@ -246,8 +247,14 @@ def check_resume_config(saved: dict[str, Any], config: TrainConfig, where: Path)
 
 
 def _changed(saved: dict[str, Any], config: TrainConfig, ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
-    now, old = _comparable(config.flat_dict()), _comparable(saved)
-    return sorted(k for k in now if k not in ignore and old.get(k) != now[k])
+    now, old = _comparable(config.flat_dict(), type(config)), _comparable(saved, type(config))
+    # a setting added to xtd after the run started reads as its default
+    defaults = {
+        leaf.key: json.loads(json.dumps(leaf.default))
+        for leaf in type(config).leaves()
+        if leaf.default is not dataclasses.MISSING and leaf.key not in old
+    }
+    return sorted(k for k in now if k not in ignore and old.get(k, defaults.get(k)) != now[k])
 
 
 def _load(path: Path, device: torch.device | str = "cpu") -> Any:

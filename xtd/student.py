@@ -203,6 +203,7 @@ def load_student(
     train_embeddings: bool = True,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    init: str = "fvt",
 ) -> Student:
     """Build a student (see the module docstring for the four cases).
 
@@ -222,6 +223,8 @@ def load_student(
             when the tokenizer changed; in full fine-tuning they are frozen when False.
         dtype: parameter dtype (``torch.float32`` for training on CPU).
         seed: seeds the random parts (FVT rule 4 draws, fresh models).
+        init: how a new tokenizer's embeddings start: ``fvt``, or ``hypernet:DIR`` (predicted
+            by the hypernetwork saved in DIR for this model, :func:`xtd.hypernet.apply.hypernet_init`).
 
     Returns:
         The :class:`Student`.
@@ -267,7 +270,13 @@ def load_student(
         original = model_tokenizer(model)
         report["source"] = str(model)
         new_tok = original if tokenizer is None else as_tokenizer(tokenizer)
-        if new_tok.digest != original.digest:
+        if new_tok.digest != original.digest and init.startswith("hypernet:"):
+            from xtd.hypernet.apply import hypernet_init
+
+            folder = init.removeprefix("hypernet:")
+            counts = hypernet_init(built, str(model), new_tok, folder, untie=untie)
+            report.update(tokenizer_changed=True, init=f"the hypernetwork {folder}", **counts)
+        elif new_tok.digest != original.digest:
             counts = fvt_init(built, original, new_tok, untie=untie, seed=seed)
             report.update(tokenizer_changed=True, **counts)
         else:

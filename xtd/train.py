@@ -201,6 +201,7 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
         lora_alpha=float(config.lora_rank),  # r = α (docs/method.md, "Defaults")
         untie=config.untie,
         seed=config.seed,
+        init=config.init,
     )
     if student.tokenizer.digest != student_tokenizer.digest:  # pragma: no cover - a load_student bug
         raise TokenizerMismatchError("the loaded student's tokenizer differs from the one checked against the store")

@@ -29,7 +29,14 @@ from xtd.config._base import (
 )
 from xtd.config.align import AlignConfig
 from xtd.config.evaluate import EVAL_COMBINE_RULES, EVAL_DEFAULT_HELD_OUT, EvalConfig
-from xtd.config.hypernet import RESIDUALS, HypernetApplyConfig, HypernetConfig, SamplerConfig
+from xtd.config.hypernet import (
+    HYPERNET_LOSSES,
+    RESIDUALS,
+    HypernetApplyConfig,
+    HypernetConfig,
+    HypernetTrainConfig,
+    SamplerConfig,
+)
 from xtd.config.maths import MathsConfig
 from xtd.config.precompute import (
     PRECOMPUTE_CHAT_TEMPLATES,
@@ -55,6 +62,7 @@ __all__ = [
     "PRECOMPUTE_CHAT_TEMPLATES",
     "PRECOMPUTE_ERRORS",
     "PRECOMPUTE_TOPK_CODECS",
+    "HYPERNET_LOSSES",
     "RESIDUALS",
     "TRAIN_ALM_DISTANCES",
     "ALMSettings",
@@ -64,6 +72,7 @@ __all__ = [
     "EvalConfig",
     "HypernetApplyConfig",
     "HypernetConfig",
+    "HypernetTrainConfig",
     "Leaf",
     "MathsConfig",
     "OptimSettings",

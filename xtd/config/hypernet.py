@@ -1,14 +1,18 @@
 """Settings of the hypernetwork pieces (:mod:`xtd.hypernet`): the tokenizer sampler, the
-architecture, and ``xtd hypernet apply``."""
+architecture, ``xtd hypernet train`` and ``xtd hypernet apply``."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from xtd.config._base import ConfigBase, device_problem, flag, option
+from xtd.config._base import ConfigBase, device_problem, flag, option, section
+from xtd.config.train import ALMSettings, DataSettings, OptimSettings
 from xtd.errors import ConfigError
 
-__all__ = ["SamplerConfig", "HypernetConfig", "HypernetApplyConfig", "RESIDUALS"]
+__all__ = ["SamplerConfig", "HypernetConfig", "HypernetApplyConfig", "HypernetTrainConfig", "HYPERNET_LOSSES", "RESIDUALS"]
+
+HYPERNET_LOSSES = ("alm", "sft", "alm+sft")
+"""``xtd hypernet train --losses`` choices: ALM against the store, SFT (the ZeTT baseline), or both."""
 
 RESIDUALS = ("first", "mean")
 """What the hypernetwork's output is added to: the first piece's embedding (ZeTT) or the
@@ -102,3 +106,76 @@ class HypernetApplyConfig(ConfigBase):
                 raise ConfigError(f"{flag(name)} must not be empty")
         for problem in device_problem(self.device):
             raise ConfigError(problem)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HypernetTrainConfig(ConfigBase):
+    """Settings of ``xtd hypernet train``: a hypernetwork trained from teacher stores.
+
+    Every step samples a tokenizer (or uses ``fixed_tokenizer``), predicts the embeddings
+    of the tokens it needs and runs the frozen base model with them; only the
+    hypernetwork trains (docs/method.md, "Hypernetworks").
+    """
+
+    store: tuple[str, ...] = option(
+        metavar="STORE", help="Teacher store (path or fsspec URL); repeat to mix several in proportion to their size."
+    )
+    model: str = option(metavar="MODEL", help="Base model (frozen): HF id, folder, or embedded:smollm2.")
+    out: str = option(short="-o", metavar="DIR", help="Run folder: the hypernetwork (hypernet.json, hypernet.safetensors), metrics.jsonl, checkpoints/.")
+    losses: str = option("alm", metavar="LOSSES", help=f"Losses: {', '.join(HYPERNET_LOSSES)} (sft is the ZeTT baseline).")
+    fixed_tokenizer: str | None = option(
+        None, metavar="TOKENIZER", help="Train on this one tokenizer instead of sampling one per step (a check, or single-tokenizer transfer)."
+    )
+    max_vocab: int | None = option(
+        8192, metavar="N", help="Tokens whose embeddings a step predicts: every used one and the specials, then random others up to N (the softmax's vocabulary); 0: the whole vocabulary."
+    )
+    architecture: HypernetConfig = section(HypernetConfig, help="The hypernetwork's architecture.")
+    sampler: SamplerConfig = section(SamplerConfig, help="How training tokenizers are sampled.")
+    alm: ALMSettings = section(ALMSettings, help="ALM: chunks, merging, debiasing, distance, boundary classes.")
+    data: DataSettings = section(DataSettings, help="Texts per step, lengths, packing, long documents.")
+    optim: OptimSettings = section(OptimSettings, help="AdamW and its schedule.")
+    max_steps: int = option(1000, metavar="N", help="Optimizer steps; 0 saves the identity-initialised hypernetwork.")
+    seed: int = option(0, metavar="N", help="Seed of the data order, the sampled tokenizers and the initialisation.")
+    checkpoint_every: int = option(500, metavar="N", help="Write a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = option(2, metavar="N", help="Keep this many most recent checkpoints.")
+    log_every: int = option(1, metavar="N", help="Log a line (and a metrics.jsonl record) every N steps.")
+    resume: bool = option(False, help="Continue the run in --out from its latest checkpoint, with its saved settings.")
+    overwrite: bool = option(False, help="Start afresh in an --out that holds a previous run.")
+    amp: bool = option(True, help="bf16 autocast on CUDA for the base model's body (ignored on CPU).")
+    device: str = option("auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (auto: the local rank's GPU when present).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.store, str):
+            object.__setattr__(self, "store", (self.store,))
+        problems: list[str] = []
+        if not self.store:
+            problems.append(f"{flag('store')} needs at least one teacher store")
+        for name in ("model", "out"):
+            if not str(getattr(self, name)).strip():
+                problems.append(f"{flag(name)} must not be empty")
+        if self.losses not in HYPERNET_LOSSES:
+            problems.append(f"{flag('losses')} must be one of {', '.join(HYPERNET_LOSSES)}, not {self.losses!r}")
+        if self.max_vocab is not None and self.max_vocab < 0:
+            problems.append(f"{flag('max_vocab')} ({self.max_vocab}) must be ≥ 0 (0: the whole vocabulary)")
+        for name in ("max_steps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                problems.append(f"{flag(name)} ({getattr(self, name)}) must be ≥ 0")
+        if self.log_every < 1:
+            problems.append(f"{flag('log_every')} ({self.log_every}) must be ≥ 1")
+        warmup = self.optim.warmup_steps
+        if warmup is not None and self.max_steps > 0 and warmup >= self.max_steps:
+            problems.append(f"{flag('warmup_steps')} ({warmup}) must be smaller than {flag('max_steps')} ({self.max_steps})")
+        if self.resume and self.overwrite:
+            problems.append(f"{flag('resume')} and {flag('overwrite')} exclude each other; pick one")
+        problems.extend(device_problem(self.device))
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def loss_names(self) -> tuple[str, ...]:
+        """The chosen losses, in order."""
+        return tuple(self.losses.split("+"))
+
+    @property
+    def vocab_budget(self) -> int | None:
+        """``max_vocab`` with 0 as None (the whole vocabulary)."""
+        return self.max_vocab or None

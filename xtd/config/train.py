@@ -205,6 +205,10 @@ class TrainConfig(ConfigBase):
     model_config: str | None = option(
         None, metavar="PATH", help="Train a fresh model from this HF config.json or folder (--student is then unused)."
     )
+    init: str = option(
+        "fvt", metavar="fvt|hypernet:DIR",
+        help="How the embeddings of a new --tokenizer start: fvt, or hypernet:DIR (predicted by a hypernetwork for --student, e.g. from xtd hypernet train).",
+    )  # fmt: skip
     losses: str = option(
         "alm+sft", metavar="LOSSES", help="Losses joined by '+' (an unknown name is an error listing every loss)."
     )
@@ -259,10 +263,20 @@ class TrainConfig(ConfigBase):
             )
         _require(problems, not (self.resume and self.overwrite),
                  f"{flag('resume')} and {flag('overwrite')} exclude each other; pick one")  # fmt: skip
+        problems.extend(self._init_problems())
         problems.extend(self._eval_problems())
         problems.extend(device_problem(self.device))
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _init_problems(self) -> list[str]:
+        if self.init == "fvt":
+            return []
+        if not self.init.startswith("hypernet:") or not self.init.removeprefix("hypernet:").strip():
+            return [f"{flag('init')} must be fvt or hypernet:DIR, not {self.init!r}"]
+        if self.model_config is not None or self.tokenizer is None:
+            return [f"{flag('init')} hypernet:DIR needs {flag('tokenizer')} (the new tokenizer) and a --student (not {flag('model_config')})"]
+        return []
 
     def _eval_problems(self) -> list[str]:
         problems: list[str] = []

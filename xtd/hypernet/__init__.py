@@ -2,8 +2,9 @@
 
 Modules: ``config`` (settings), ``sampler`` (training tokenizers drawn from recent
 text), ``decomposition`` (target tokens as base-token pieces), ``model`` (the hypernetwork,
-saving and loading), ``step`` (what a training step predicts), ``apply`` (``xtd hypernet
-apply``). Names are imported lazily, so ``import xtd.hypernet`` does not load torch.
+saving and loading), ``step`` (what a training step predicts), ``data`` (a training step's tokenizer,
+micro-batches and vocabulary), ``train`` (``xtd hypernet train``), ``apply`` (``xtd
+hypernet apply``). Names are imported lazily, so ``import xtd.hypernet`` does not load torch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from xtd.config import HypernetApplyConfig, HypernetConfig, SamplerConfig
+from xtd.config import HypernetApplyConfig, HypernetConfig, HypernetTrainConfig, SamplerConfig
 
 _LAZY = {
     "TokenizerSampler": "sampler",
@@ -28,11 +29,16 @@ _LAZY = {
     "load_hypernet": "model",
     "StepVocabulary": "step",
     "prepare_step": "step",
+    "choose_vocabulary": "step",
+    "HypernetStepDataset": "data",
+    "HypernetTrainResult": "train",
+    "PredictedLM": "train",
+    "train_hypernet": "train",
     "ApplyResult": "apply",
     "apply_hypernet": "apply",
 }
 
-__all__ = ["HypernetApplyConfig", "HypernetConfig", "SamplerConfig", *_LAZY]
+__all__ = ["HypernetApplyConfig", "HypernetConfig", "HypernetTrainConfig", "SamplerConfig", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

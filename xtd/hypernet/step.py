@@ -24,7 +24,7 @@ from xtd.errors import ConfigError
 from xtd.hypernet.decomposition import Decomposer, Decomposition
 from xtd.tokenization import ByteTokenizer, Encoding
 
-__all__ = ["StepVocabulary", "prepare_step"]
+__all__ = ["StepVocabulary", "choose_vocabulary", "prepare_step"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,41 @@ class StepVocabulary:
     decomposition: Decomposition
     boundary_class: np.ndarray
     stats: dict[str, float]
+
+
+def choose_vocabulary(
+    tokenizer: ByteTokenizer,
+    used_ids: np.ndarray,
+    *,
+    max_vocab: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The sorted target ids a step predicts: the used ones, the specials, and random others.
+
+    Args:
+        tokenizer: the step's tokenizer.
+        used_ids: (N,) ids the step's texts use (any order, repeats allowed).
+        max_vocab: at most this many ids (more only when the used ones and the specials
+            are more); ``None`` for the whole vocabulary.
+        rng: draws the extra ids (default: ``np.random.default_rng(0)``).
+
+    Returns:
+        (U,) int64 sorted ids.
+
+    Raises:
+        ConfigError: ``max_vocab`` not positive.
+    """
+    if max_vocab is not None and max_vocab <= 0:
+        raise ConfigError(f"--max-vocab ({max_vocab}) must be positive")
+    if max_vocab is None:
+        return np.arange(tokenizer.vocab_size, dtype=np.int64)
+    keep = np.union1d(np.asarray(used_ids, dtype=np.int64), tokenizer.special_ids)
+    extra = max(max_vocab - keep.shape[0], 0)
+    if extra:
+        others = np.setdiff1d(np.arange(tokenizer.vocab_size), keep, assume_unique=True)
+        rng = rng if rng is not None else np.random.default_rng(0)
+        keep = np.union1d(keep, rng.choice(others, size=min(extra, others.shape[0]), replace=False))
+    return keep.astype(np.int64)
 
 
 def prepare_step(
@@ -84,21 +119,10 @@ def prepare_step(
         ConfigError: ``max_vocab`` not positive.
         ByteIdentityError: the tokenizer does not reproduce a text.
     """
-    if max_vocab is not None and max_vocab <= 0:
-        raise ConfigError(f"--max-vocab ({max_vocab}) must be positive")
     encodings = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
     flat = np.concatenate([e.ids for e in encodings] + [np.zeros(0, np.int32)]).astype(np.int64)
     used_ids = np.unique(flat)
-    if max_vocab is None:
-        vocab_ids = np.arange(tokenizer.vocab_size, dtype=np.int64)
-    else:
-        keep = np.union1d(used_ids, tokenizer.special_ids)
-        extra = max(max_vocab - keep.shape[0], 0)
-        if extra:
-            others = np.setdiff1d(np.arange(tokenizer.vocab_size), keep, assume_unique=True)
-            rng = rng if rng is not None else np.random.default_rng(0)
-            keep = np.union1d(keep, rng.choice(others, size=min(extra, others.shape[0]), replace=False))
-        vocab_ids = keep.astype(np.int64)
+    vocab_ids = choose_vocabulary(tokenizer, used_ids, max_vocab=max_vocab, rng=rng)
     used = np.isin(vocab_ids, used_ids)
     decomposition = decomposer(tokenizer, vocab_ids)
     local_ids = [np.searchsorted(vocab_ids, e.ids.astype(np.int64)) for e in encodings]
