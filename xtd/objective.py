@@ -171,6 +171,7 @@ def student_forward(
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"].long(),
         "output_hidden_states": output_hidden_states,
+        "use_cache": False,  # a training forward never reuses keys and values
     }
     if autocast_dtype is None:
         out = model(**kwargs)
@@ -186,7 +187,7 @@ def student_forward(
             out = model(**kwargs)
         return out.logits.float(), out.hidden_states
     with torch.autocast(device_type, dtype=autocast_dtype):
-        out = body(**kwargs, use_cache=False)
+        out = body(**kwargs)
     with torch.autocast(device_type, enabled=False):
         logits = head(out.last_hidden_state.float())  # (B, S, V') float32
     return logits, out.hidden_states
