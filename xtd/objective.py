@@ -5,15 +5,25 @@ settings and per-run states, and the weighting (GradMag or fixed weights). It ta
 model and a batch*: :meth:`Objective.outputs` runs any causal LM on the micro-batch —
 a plain student, or one whose embeddings a hypernetwork predicted for this step — and
 :meth:`Objective.terms` turns its outputs into every chosen loss, each a sum divided by
-its global count. The outputs may also be built from final hidden states and an
-:class:`~xtd.losses.OutputLayer` (:class:`~xtd.losses.registry.StudentOutputs`), so the
-fused output layer needs no change here. :mod:`xtd.train` drives the loop.
+its global count. :mod:`xtd.train` drives the loop.
 
-Dimension letters: ``B`` texts, ``S`` student tokens, ``T`` teacher rows, ``V`` vocab.
+**Fused or materialised.** When no chosen loss needs the full logits (the registry's
+``needs_logits``: ALM, SFT, KD and latents do not) and the model's output layer is a
+linear head that :mod:`xtd.model_parts` can express (:func:`choose_fused`), the forward
+runs the decoder alone and the losses read ℓ^S, σ^S and gathered log-probs from the final
+hidden states and the :class:`~xtd.losses.OutputLayer` in row slabs
+(:func:`xtd.losses.fused_output`): the (B, S, V') logits never exist. Otherwise the model's
+own forward materialises them. A caller that has final hidden states and an output layer
+of its own (a hypernetwork's predicted embeddings) passes them to
+:meth:`Objective.hidden_outputs`.
+
+Dimension letters: ``B`` texts, ``S`` student tokens, ``T`` teacher rows, ``V`` vocab,
+``H`` hidden size.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,10 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from xtd.config import ALMSettings
-from xtd.losses import gradmag_weights
+from xtd.errors import ConfigError
+from xtd.losses import OutputLayer, gradmag_weights
 from xtd.losses.registry import Batch, LossInputs, LossSpec, LossState, RunInfo, StudentOutputs
+from xtd.model_parts import check_output_layer, final_hidden_states, output_layer
 
-__all__ = ["Objective", "build_objective", "student_forward"]
+__all__ = ["Objective", "build_objective", "choose_fused", "student_forward"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +53,8 @@ class Objective:
             real vocabulary.
         states: per-run states of the losses that have a setup.
         amp: bf16 autocast on CUDA (the output layer stays fp32).
+        fused: skip the model's lm_head and compute the losses from the final hidden
+            states and the output layer (:func:`choose_fused` decides).
     """
 
     losses: tuple[LossSpec, ...]
@@ -47,6 +63,7 @@ class Objective:
     boundary_mask: Tensor
     states: Mapping[str, LossState] = field(default_factory=dict)
     amp: bool = False
+    fused: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -57,11 +74,16 @@ class Objective:
         return {f"{name}_projection": s.module for name, s in self.states.items() if s.module is not None}
 
     def outputs(self, model: nn.Module, batch: Batch) -> StudentOutputs:
-        """Run ``model`` on the micro-batch: logits (and final hidden states when a loss needs them)."""
+        """Run ``model`` on the micro-batch: its final hidden states and output layer (fused),
+        or its logits (and final hidden states when a loss needs them)."""
         amp = self.amp and batch["input_ids"].device.type == "cuda"
+        autocast_dtype = torch.bfloat16 if amp else None
+        if self.fused:
+            hidden = student_hidden_states(model, batch, autocast_dtype=autocast_dtype)  # (B, S, H) float32
+            return self.hidden_outputs(hidden, output_layer(model, vocab_size=self.vocab_size), batch)
         want_hidden = any(spec.needs_hidden_states for spec in self.losses)
         logits, hidden = student_forward(
-            model, batch, autocast_dtype=torch.bfloat16 if amp else None, output_hidden_states=want_hidden
+            model, batch, autocast_dtype=autocast_dtype, output_hidden_states=want_hidden
         )  # (B, S, V') float32 under autocast (docs/method.md, "Scoring a chunk": losses see fp32 logits)
         return StudentOutputs(
             input_ids=batch["input_ids"],
@@ -69,6 +91,18 @@ class Objective:
             logits_=logits,
             hidden=hidden[-1] if want_hidden and hidden is not None else None,
         )
+
+    def hidden_outputs(self, hidden: Tensor, layer: OutputLayer, batch: Batch) -> StudentOutputs:
+        """The student's outputs from final hidden states (B, S, H) and an output layer
+        whose ``vocab_size`` is the boundary mask's length (no logits are materialised)."""
+        return StudentOutputs(
+            input_ids=batch["input_ids"], boundary_mask=self.boundary_mask, hidden=hidden, output_layer=layer
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """V, the student's real vocabulary (the boundary mask's length)."""
+        return int(self.boundary_mask.numel())
 
     def terms(
         self, outputs: StudentOutputs, batch: Batch, normalizers: Mapping[str, float]
@@ -132,12 +166,54 @@ def build_objective(
     boundary_mask: Tensor,
     run: RunInfo,
     amp: bool = False,
+    fused: bool = False,
 ) -> Objective:
     """Run every chosen loss's per-run setup once and hold the result."""
     states = {spec.name: spec.setup(run) for spec in losses if spec.setup is not None}
     return Objective(
-        losses=tuple(losses), alm=alm, weights=dict(weights), boundary_mask=boundary_mask, states=states, amp=amp
-    )
+        losses=tuple(losses), alm=alm, weights=dict(weights), boundary_mask=boundary_mask, states=states, amp=amp,
+        fused=fused,
+    )  # fmt: skip
+
+
+def choose_fused(losses: Sequence[LossSpec], model: nn.Module, *, vocab_size: int, sample_ids: Tensor) -> bool:
+    """Whether a run can use the fused output layer (module docstring).
+
+    True when no chosen loss needs the full logits, the model's head is one
+    :func:`xtd.model_parts.output_layer` expresses (tied/untied, bias, one LoRA adapter
+    without dropout, scale, soft-cap), and that layer on the decoder's final hidden states
+    reproduces the model's own logits on ``sample_ids``.
+
+    Args:
+        losses: the chosen losses.
+        model: the student, in the mode it trains in.
+        vocab_size: V, the student's real vocabulary.
+        sample_ids: (B, S) a few token ids for the check.
+    """
+    needing = [spec.name for spec in losses if spec.needs_logits]
+    if needing:
+        logger.info("materialised logits: %s read the full logits", "+".join(needing))
+        return False
+    try:
+        check_output_layer(model, output_layer(model, vocab_size=vocab_size), sample_ids)
+    except ConfigError as exc:
+        logger.info("materialised logits: %s", exc)
+        return False
+    return True
+
+
+def student_hidden_states(model: nn.Module, batch: Batch, *, autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """(B, S, H) float32 final hidden states of one micro-batch, without the lm_head.
+
+    The decoder runs under autocast when ``autocast_dtype`` is given; the states are cast
+    to float32 for the output layer (docs/method.md, "Scoring a chunk").
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"].long()
+    if autocast_dtype is None:
+        return final_hidden_states(model, ids, mask)
+    with torch.autocast(ids.device.type, dtype=autocast_dtype):
+        hidden = final_hidden_states(model, ids, mask)
+    return hidden.float()
 
 
 def student_forward(

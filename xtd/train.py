@@ -55,7 +55,7 @@ from xtd.errors import ConfigError, StoreFormatError, TokenizerMismatchError
 from xtd.eval_sets import TrainEvaluator
 from xtd.losses.registry import LossSpec, RunInfo, check_stores, loss_specs
 from xtd.model_parts import last_block_parameters
-from xtd.objective import Objective, build_objective
+from xtd.objective import Objective, build_objective, choose_fused
 from xtd.outputs import read_run_marker
 from xtd.runtime import Distributed
 from xtd.storage import StoreReader, open_store
@@ -206,6 +206,11 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
         raise TokenizerMismatchError("the loaded student's tokenizer differs from the one checked against the store")
     model = student.model.to(ctx.device)
     model.train()
+    vocab_size = student.tokenizer.vocab_size
+    fused = choose_fused(  # skip the lm_head when no loss needs the full logits
+        losses, model, vocab_size=vocab_size,
+        sample_ids=(torch.arange(1, 9, device=ctx.device) * 7919 % vocab_size)[None],
+    )  # fmt: skip
     objective = build_objective(
         losses,
         alm=config.alm,
@@ -215,6 +220,7 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
         ),
         run=RunInfo(tuple(stores), student.tokenizer, int(model.config.hidden_size), ctx.device),
         amp=config.amp,
+        fused=fused,
     )
     # Everything trained: the student, plus the losses' own parameters.
     root = torch.nn.ModuleDict({"student": model, **objective.modules()})
