@@ -16,7 +16,7 @@ import torch
 from xtd.config import ALMSettings, DataSettings
 from xtd.data_plan import StepPlan
 from xtd.losses.registry import count_normalizers, loss_specs
-from xtd.objective import Objective, choose_fused
+from xtd.objective import Objective, PackedRows, choose_fused, choose_packing
 from xtd.student import load_student
 from xtd.tokenization import load_tokenizer
 from xtd.train_data import StepDataset, TrainData
@@ -77,13 +77,16 @@ def test_fused_and_packed_paths_equal_the_materialised_padded_path(
     specs = loss_specs(names)
     bmask = torch.as_tensor(tok.boundary_mask(), dtype=torch.bool)
     assert choose_fused(specs, model, vocab_size=tok.vocab_size, sample_ids=batch["input_ids"][:1, :8])
+    assert choose_packing(model, vocab_size=tok.vocab_size)
+    rows = PackedRows.of(batch["input_ids"], batch["attention_mask"])
+    assert rows.input_ids.shape[0] < batch["input_ids"].shape[0]  # fewer rows than texts: texts share rows
 
     def objective(**kwargs) -> Objective:
         return Objective(losses=specs, alm=ALMSettings(), weights=dict.fromkeys(names, 1.0), boundary_mask=bmask,
                          **kwargs)  # fmt: skip
 
     want_terms, want_grads = _terms_and_grads(model, objective(), batch)
-    for kwargs in ({"fused": True},):
+    for kwargs in ({"fused": True}, {"fused": True, "packed": True}):
         terms, grads = _terms_and_grads(model, objective(**kwargs), batch)
         assert terms.keys() == want_terms.keys()
         for name in want_terms:
@@ -98,3 +101,16 @@ def test_losses_that_read_full_logits_keep_the_materialised_path(tiny_lm_b: Path
     ids = torch.arange(1, 9)[None]
     assert not choose_fused(loss_specs(("alm", "uld")), model, vocab_size=100, sample_ids=ids)
     assert choose_fused(loss_specs(("alm", "sft", "latents")), model, vocab_size=100, sample_ids=ids)
+
+
+def test_packed_rows_place_every_token_once_with_restarting_positions() -> None:
+    ids = torch.arange(1, 25).reshape(4, 6)
+    mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 4 + [0] * 2, [0] * 6])
+    rows = PackedRows.of(ids, mask)
+    assert rows.input_ids.shape == (2, 6)  # [text 0], [text 2, text 1]
+    assert rows.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [13, 14, 15, 16, 7, 8]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]]
+    assert sorted(rows.target.tolist()) == torch.nonzero(mask.reshape(-1)).squeeze(1).tolist()
+    hidden = rows.unpack(rows.input_ids[..., None].double(), 4)[..., 0]
+    assert torch.equal(hidden, torch.where(mask.bool(), ids, 0).double())
+    assert PackedRows.layout_size(mask) == 12
