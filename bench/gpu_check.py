@@ -106,8 +106,9 @@ def _kjv(tmp: Path, verses: int) -> Path:
     return path
 
 
-def run(out: Path, *, steps: int, verses: int) -> dict[str, Any]:
-    """Every check on CUDA (module docstring); the JSON-ready report."""
+def run(out: Path, *, steps: int, verses: int, device: str = "cuda") -> dict[str, Any]:
+    """Every check on ``device`` (module docstring; ``cpu`` only to smoke-test this script):
+    the JSON-ready report."""
     from xtd.config import EvalConfig, PrecomputeConfig, TrainConfig
     from xtd.evaluate import evaluate
     from xtd.examples import build_example, pad_examples
@@ -116,10 +117,11 @@ def run(out: Path, *, steps: int, verses: int) -> dict[str, Any]:
     from xtd.student import load_student
     from xtd.tokenization import load_tokenizer
 
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
+    cuda = device.startswith("cuda")
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else device}
     data = _kjv(out, verses)
     t0 = time.perf_counter()
-    gpu = precompute(PrecomputeConfig(out=str(out / "gpu.zarr"), data=str(data), dtype="bf16", device="cuda", top_k=0))
+    gpu = precompute(PrecomputeConfig(out=str(out / "gpu.zarr"), data=str(data), dtype="bf16", device=device, top_k=0))
     report["precompute_bf16_tokens_per_s"] = gpu.tokens_per_s
     report["precompute_s"] = time.perf_counter() - t0
     small = out / "small.jsonl"
@@ -129,11 +131,12 @@ def run(out: Path, *, steps: int, verses: int) -> dict[str, Any]:
     diffs = [float(np.nanmean(np.abs(g[d].token_logprob - c[d].token_logprob))) for d in range(len(c))]
     report["teacher_logprob_mean_abs_diff"] = sum(diffs) / len(diffs)
 
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     result = train(
         TrainConfig(
             store=(str(out / "gpu.zarr"),), tokenizer="embedded:gpt2", out=str(out / "student"), losses="alm+sft",
-            max_steps=steps, lora_rank=0, checkpoint_every=0, overwrite=True, device="cuda", amp=True,
+            max_steps=steps, lora_rank=0, checkpoint_every=0, overwrite=True, device=device, amp=True,
             batch_size=16, lr=1e-4, warmup_steps=1,
         )
     )  # fmt: skip
@@ -141,10 +144,10 @@ def run(out: Path, *, steps: int, verses: int) -> dict[str, Any]:
     report["train_step_s"] = sum(r["step_time_s"] for r in later) / len(later)
     report["train_tokens_per_s"] = sum(r["tokens"] for r in later) / sum(r["step_time_s"] for r in later)
     report["train_padding_share"] = sum(r["padding_share"] for r in later) / len(later)
-    report["train_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    report["train_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan
     report["train_last_loss"] = result.losses.get("loss", math.nan)
 
-    rows = evaluate(EvalConfig(model=(str(out / "student"),), held_out=2, device="cuda", dtype="bf16"))
+    rows = evaluate(EvalConfig(model=(str(out / "student"),), held_out=2, device=device, dtype="bf16"))
     report["eval_bits_per_byte"] = rows[0].likelihood.bits_per_byte if rows[0].likelihood else math.nan
 
     tok = load_tokenizer("embedded:gpt2")
@@ -157,12 +160,12 @@ def run(out: Path, *, steps: int, verses: int) -> dict[str, Any]:
     mask = torch.as_tensor(tok.boundary_mask(), dtype=torch.bool)
     torch.backends.cuda.matmul.allow_tf32 = False
     compared = compare_terms(
-        student.model.float(), batch, mask, runs=(("cpu", None), ("cuda", None), ("cuda", torch.bfloat16))
+        student.model.float(), batch, mask, runs=(("cpu", None), (device, None), (device, torch.bfloat16))
     )
     report["terms"] = compared
     report["ok"] = bool(
-        within(compared, FP32_RTOL, "cuda/fp32")
-        and within(compared, AMP_RTOL, "cuda/bfloat16")
+        within(compared, FP32_RTOL, f"{device}/fp32")
+        and within(compared, AMP_RTOL, f"{device}/bfloat16")
         and report["teacher_logprob_mean_abs_diff"] <= TEACHER_LOGPROB_ATOL
         and math.isfinite(report["eval_bits_per_byte"])
     )
