@@ -233,3 +233,20 @@ def test_bad_shapes_are_data_errors():
         OutputLayer(weight=torch.zeros(10, 4), vocab_size=10, lora_a=torch.zeros(2, 4))
     with pytest.raises(DataError, match="softcap"):
         OutputLayer(weight=torch.zeros(10, 4), vocab_size=10, softcap=0.0)
+
+
+def test_student_path_on_selected_rows_equals_all_rows_there_and_is_zero_elsewhere():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    layer = OutputLayer(weight=torch.randn(50, 16, dtype=torch.float64, generator=g), vocab_size=45)
+    ids = torch.randint(0, 45, (3, 7), generator=g)
+    mask = torch.arange(45) % 5 == 0
+    rows = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], dtype=torch.bool)
+    lp_all, sig_all = fused_student_path(hidden, layer, ids, mask, chunk_elements=100)
+    lp, sig = fused_student_path(hidden, layer, ids, mask, rows=rows, chunk_elements=100)
+    used = rows.clone()  # ℓ_r reads row r − 1: equal wherever row r is real
+    torch.testing.assert_close(lp[used], lp_all[used], rtol=0, atol=1e-12)
+    torch.testing.assert_close(sig[rows], sig_all[rows], rtol=0, atol=1e-12)
+    assert torch.all(sig[~rows] == 0) and torch.all(lp[:, 1:][~rows[:, :-1]] == 0)
+    (grad,) = torch.autograd.grad((lp * rows).sum() + (sig * rows).sum(), hidden)
+    assert torch.all(grad[~rows] == 0) and torch.all(grad[rows].abs().sum(-1) > 0)

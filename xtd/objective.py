@@ -111,7 +111,8 @@ class Objective:
         """The student's outputs from final hidden states (B, S, H) and an output layer
         whose ``vocab_size`` is the boundary mask's length (no logits are materialised)."""
         return StudentOutputs(
-            input_ids=batch["input_ids"], boundary_mask=self.boundary_mask, hidden=hidden, output_layer=layer
+            input_ids=batch["input_ids"], boundary_mask=self.boundary_mask, hidden=hidden, output_layer=layer,
+            rows=batch["attention_mask"].bool(),  # the output layer runs on real tokens only
         )
 
     def forward_tokens(self, batch: Batch) -> int:

@@ -385,6 +385,7 @@ def fused_student_path(
     ids: Tensor,
     boundary_mask: Tensor | None = None,
     *,
+    rows: Tensor | None = None,
     chunk_elements: int = FUSED_CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
     """ℓ^S and σ^S from the hidden states: :func:`xtd.losses.student_path` without logits.
@@ -397,6 +398,8 @@ def fused_student_path(
         layer: the output layer.
         ids: (B, S) int student token ids (padding rows may hold anything, e.g. −100).
         boundary_mask: (V,) bool boundary tokens B_S; None gives σ^S = 0.
+        rows: (B, S) bool, the rows to compute (the real tokens of a right-padded batch);
+            the output layer runs on these only, and ℓ^S, σ^S are 0 elsewhere. None: all.
         chunk_elements: rows × V per slab.
 
     Returns:
@@ -410,9 +413,22 @@ def fused_student_path(
         )
     bsz = ids.shape[0]
     next_ids = torch.cat([ids[:, 1:], ids.new_zeros(bsz, 1)], dim=1)[:, : ids.shape[1]]  # row r → token r + 1
-    out = fused_output(
-        hidden, layer, gather_ids=next_ids[..., None], boundary_mask=boundary_mask, chunk_elements=chunk_elements
-    )
-    tok = out.gathered_logprob[..., 0]  # (B, S)
+    if rows is None:
+        out = fused_output(
+            hidden, layer, gather_ids=next_ids[..., None], boundary_mask=boundary_mask, chunk_elements=chunk_elements
+        )
+        tok, mass = out.gathered_logprob[..., 0], out.boundary_logmass  # (B, S)
+    else:
+        if rows.shape != ids.shape:
+            raise DataError(f"rows {tuple(rows.shape)} do not match ids {tuple(ids.shape)}")
+        sel = rows.reshape(-1).nonzero().squeeze(1)  # (N,) flat rows to compute
+        out = fused_output(
+            hidden.reshape(-1, hidden.shape[-1]).index_select(0, sel), layer,
+            gather_ids=next_ids.reshape(-1, 1).index_select(0, sel), boundary_mask=boundary_mask,
+            chunk_elements=chunk_elements,
+        )  # fmt: skip
+        zeros = out.boundary_logmass.new_zeros(ids.numel())
+        tok = zeros.index_copy(0, sel, out.gathered_logprob[:, 0]).reshape(ids.shape)
+        mass = zeros.index_copy(0, sel, out.boundary_logmass).reshape(ids.shape)
     logprob = torch.cat([tok.new_zeros(bsz, 1), tok[:, :-1]], dim=1)[:, : ids.shape[1]].clamp(LOGPROB_FLOOR, 0.0)
-    return logprob, out.boundary_logmass.clamp(LOGPROB_FLOOR, 0.0)
+    return logprob, mass.clamp(LOGPROB_FLOOR, 0.0)

@@ -137,6 +137,7 @@ class StudentOutputs:
         logits_: (B, S, V') float32 logits, or None.
         hidden: (B, S, H) final hidden states (after the last norm), or None.
         output_layer: the head, to use with ``hidden`` when ``logits_`` is None.
+        rows: (B, S) bool, the rows the fused path computes (real tokens), or None for all.
     """
 
     input_ids: Tensor
@@ -144,6 +145,7 @@ class StudentOutputs:
     logits_: Tensor | None = None
     hidden: Tensor | None = None
     output_layer: OutputLayer | None = None
+    rows: Tensor | None = None
 
     @cached_property
     def path(self) -> tuple[Tensor, Tensor]:
@@ -152,7 +154,7 @@ class StudentOutputs:
             return student_path(self.logits_, self.input_ids, self.boundary_mask)
         if self.hidden is None or self.output_layer is None:
             raise ConfigError("the student's outputs hold neither logits nor hidden states with an output layer")
-        return fused_student_path(self.hidden, self.output_layer, self.input_ids, self.boundary_mask)
+        return fused_student_path(self.hidden, self.output_layer, self.input_ids, self.boundary_mask, rows=self.rows)
 
     def logits(self) -> Tensor:
         """(B, S, V') logits; materialised from the hidden states when only those were kept."""
