@@ -177,6 +177,25 @@ def _accumulate(out: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0) ->
         out.add_((left @ right).to(out.dtype), alpha=alpha)
 
 
+def _engine_needs(ctx, index: int) -> bool:
+    """Whether this backward pass needs the gradient of input ``index``.
+
+    ``ctx.needs_input_grad`` is fixed at the forward; a ``torch.autograd.grad`` call that
+    asks only for other tensors (GradMag's gradient on the last decoder block) does not
+    need the output layer's weight gradient, a V × H matmul per slab: the engine knows
+    which nodes it will run.
+    """
+    if not ctx.needs_input_grad[index]:
+        return False
+    node = ctx.next_functions[index][0]
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # an older torch, or outside the engine: assume needed
+        return True
+
+
 class _FusedOutputFn(torch.autograd.Function):
     """Output layer + per-row reductions, forward and backward in row slabs.
 
@@ -236,7 +255,7 @@ class _FusedOutputFn(torch.autograd.Function):
         hidden, weight, bias, lora_a, lora_b, gather_ids, maskf, top_ids, lse, beta = ctx.saved_tensors
         plan: _Plan = ctx.plan
         dtype, mm, v = plan.dtype, plan.matmul_dtype, plan.vocab
-        need_h, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        need_h, need_w, need_bias, need_a, need_b = (_engine_needs(ctx, i) for i in range(5))
         g_gathered, g_top = g_gathered.to(dtype), g_top.to(dtype)
         g_mass = g_mass.to(dtype) if maskf is not None else torch.zeros_like(lse)
         a = -(g_gathered.sum(1) + g_top.sum(1) + g_mass)  # (N,)
