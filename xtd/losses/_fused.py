@@ -187,9 +187,10 @@ def _engine_needs(ctx, index: int) -> bool:
     """
     if not ctx.needs_input_grad[index]:
         return False
-    node = ctx.next_functions[index][0]
+    slot = ctx.edge_of.get(index)  # next_functions holds the tensor arguments only
+    node = ctx.next_functions[slot][0] if slot is not None and slot < len(ctx.next_functions) else None
     if node is None:
-        return False
+        return True
     try:
         return bool(torch._C._will_engine_execute_node(node))
     except (AttributeError, RuntimeError):  # an older torch, or outside the engine: assume needed
@@ -247,6 +248,8 @@ class _FusedOutputFn(torch.autograd.Function):
                 del z, ex  # free this slab before the next one is computed
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, gather_ids, maskf, top_ids, lse, beta)
         ctx.plan = plan
+        tensors = [i for i, t in enumerate((hidden, weight, bias, lora_a, lora_b)) if isinstance(t, Tensor)]
+        ctx.edge_of = {i: slot for slot, i in enumerate(tensors)}
         ctx.mark_non_differentiable(top_ids)
         return gathered, beta.log(), top_lp, top_ids
 
