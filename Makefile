@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast demo bench experiment experiment-smollm2 experiment-hypernet experiment-hypernet-gpu experiment-gpu experiment-maths lint clean
+.PHONY: help setup test test-fast demo bench gpu-check experiment experiment-smollm2 experiment-hypernet experiment-hypernet-gpu experiment-gpu experiment-maths lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ demo: setup  ## install, then distil SmolLM2 into a GPT-2-tokenizer student and 
 
 bench: setup  ## run every benchmark; writes results/bench.json and results/bench.md
 	$(PY) bench/run_all.py
+
+gpu-check: setup  ## on a CUDA machine: bf16 precompute, packed fused training steps, eval, CUDA vs CPU (JSON); no CUDA: exit 0
+	$(PY) bench/gpu_check.py
 
 # Table 1 in the paper's setting (experiments/): each target writes its setting into
 # results/experiment.json, then regenerates results/experiment.md and the plots.

@@ -3,7 +3,8 @@
 One window planner serves every forward pass over text longer than a model's window —
 the teacher in ``xtd precompute`` and every model in ``xtd eval`` — and one packer groups
 sequences into batches, longest first (the teacher's batches, ``xtd eval``'s windows, the
-micro-batches of a training step).
+micro-batches of a training step). :func:`pack_rows` places sequences side by side in rows of
+a fixed width (a training step's padding-free forward).
 
 **Windows.** A sequence of ``N`` tokens is cut into windows of at most ``max_length``
 tokens. Window 0 is ``[0, L)``; each next window starts ``context`` tokens before the
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 from xtd.errors import ConfigError
 
-__all__ = ["plan_windows", "pack_longest_first"]
+__all__ = ["pack_longest_first", "pack_rows", "plan_windows"]
 
 
 def plan_windows(num_tokens: int, max_length: int, context: int) -> list[tuple[int, int, int]]:
@@ -77,3 +78,35 @@ def pack_longest_first(
         else:
             batches.append([i])
     return batches
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Place sequences side by side in rows of ``capacity`` tokens, first fit, longest first.
+
+    Each sequence goes into the first row (in creation order) with room for it, else
+    into a new row; within a row the sequences keep the order they were placed in. Empty
+    sequences are left out. A pure function of its arguments.
+
+    Returns:
+        Per row, the indices into ``lengths`` it holds.
+
+    Raises:
+        ConfigError: a sequence longer than ``capacity``.
+    """
+    if any(n > capacity for n in lengths):
+        raise ConfigError(f"a sequence of {max(lengths)} tokens does not fit in rows of {capacity}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n <= 0:
+            continue
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+    return rows

@@ -55,7 +55,7 @@ from xtd.errors import ConfigError, StoreFormatError, TokenizerMismatchError
 from xtd.eval_sets import TrainEvaluator
 from xtd.losses.registry import LossSpec, RunInfo, check_stores, loss_specs
 from xtd.model_parts import last_block_parameters
-from xtd.objective import Objective, build_objective
+from xtd.objective import Objective, build_objective, choose_fused, choose_packing
 from xtd.outputs import read_run_marker
 from xtd.runtime import Distributed
 from xtd.storage import StoreReader, open_store
@@ -69,7 +69,8 @@ __all__ = ["train", "train_steps", "TrainResult", "MetricsRecord", "lr_at", "res
 
 MetricsRecord = dict[str, float | int]
 """One step's metrics (``metrics.jsonl`` line): ``step``, ``loss`` and each term, ``lr``,
-``grad_norm``, ``tokens``, ``tokens_per_s``, ``count_*``, ``epoch``, ``step_time_s``,
+``grad_norm``, ``tokens``, ``tokens_per_s``, ``padding_share`` (padding positions the
+decoder ran on / all it ran on), ``count_*``, ``epoch``, ``step_time_s``,
 ``eta_s``, ALM statistics, ``gradmag_*`` and ``eval_*``."""
 
 
@@ -207,6 +208,12 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
         raise TokenizerMismatchError("the loaded student's tokenizer differs from the one checked against the store")
     model = student.model.to(ctx.device)
     model.train()
+    vocab_size = student.tokenizer.vocab_size
+    fused = choose_fused(  # skip the lm_head when no loss needs the full logits
+        losses, model, vocab_size=vocab_size,
+        sample_ids=(torch.arange(1, 9, device=ctx.device) * 7919 % vocab_size)[None],
+    )  # fmt: skip
+    packed = fused and choose_packing(model, vocab_size=vocab_size)  # texts side by side, no padding
     objective = build_objective(
         losses,
         alm=config.alm,
@@ -216,6 +223,8 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
         ),
         run=RunInfo(tuple(stores), student.tokenizer, int(model.config.hidden_size), ctx.device),
         amp=config.amp,
+        fused=fused,
+        packed=packed,
     )
     # Everything trained: the student, plus the losses' own parameters.
     root = torch.nn.ModuleDict({"student": model, **objective.modules()})
@@ -361,10 +370,12 @@ def train_steps(
         normalizers = dict(zip(names, global_counts, strict=True))
 
         totals = dict.fromkeys(names, 0.0)
+        forward_tokens = 0
         stats_list: list[dict[str, float]] = []
         gradmag_list: list[dict[str, float]] = []
         for batch, counts in zip(batch_data["micro_batches"], batch_data["counts"], strict=True):
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            forward_tokens += objective.forward_tokens(batch)
             terms, stats = objective(model, batch, normalizers)
             stats_list.append(stats)
             loss, weights = objective.combine(terms, counts, last_block)
@@ -384,7 +395,8 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
 
         # Logging: global loss terms, throughput and ETA.
-        totals = dict(zip(names, ctx.sum([totals[n] for n in names]), strict=True))
+        *summed, forward_tokens = ctx.sum([*(totals[n] for n in names), forward_tokens])
+        totals = dict(zip(names, summed, strict=True))
         extra = _reduce_stats(stats_list, ctx)
         extra.update({f"gradmag_{k}": v for k, v in _reduce_stats(gradmag_list, None).items()})
         step_time = time.perf_counter() - t0  # evaluation below is not part of the step
@@ -403,6 +415,7 @@ def train_steps(
             "grad_norm": grad_norm,
             "tokens": int(tokens),
             "tokens_per_s": tokens / max(step_time, 1e-9),
+            "padding_share": 1.0 - tokens / max(forward_tokens, 1),
             **{f"count_{n}": int(normalizers[n]) for n in names},
             "epoch": data.plan.epoch_of(step + 1),
             "step_time_s": step_time,

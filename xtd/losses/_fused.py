@@ -177,6 +177,26 @@ def _accumulate(out: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0) ->
         out.add_((left @ right).to(out.dtype), alpha=alpha)
 
 
+def _engine_needs(ctx, index: int) -> bool:
+    """Whether this backward pass needs the gradient of input ``index``.
+
+    ``ctx.needs_input_grad`` is fixed at the forward; a ``torch.autograd.grad`` call that
+    asks only for other tensors (GradMag's gradient on the last decoder block) does not
+    need the output layer's weight gradient, a V × H matmul per slab: the engine knows
+    which nodes it will run.
+    """
+    if not ctx.needs_input_grad[index]:
+        return False
+    slot = ctx.edge_of.get(index)  # next_functions holds the tensor arguments only
+    node = ctx.next_functions[slot][0] if slot is not None and slot < len(ctx.next_functions) else None
+    if node is None:
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # an older torch, or outside the engine: assume needed
+        return True
+
+
 class _FusedOutputFn(torch.autograd.Function):
     """Output layer + per-row reductions, forward and backward in row slabs.
 
@@ -228,6 +248,8 @@ class _FusedOutputFn(torch.autograd.Function):
                 del z, ex  # free this slab before the next one is computed
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, gather_ids, maskf, top_ids, lse, beta)
         ctx.plan = plan
+        tensors = [i for i, t in enumerate((hidden, weight, bias, lora_a, lora_b)) if isinstance(t, Tensor)]
+        ctx.edge_of = {i: slot for slot, i in enumerate(tensors)}
         ctx.mark_non_differentiable(top_ids)
         return gathered, beta.log(), top_lp, top_ids
 
@@ -236,7 +258,7 @@ class _FusedOutputFn(torch.autograd.Function):
         hidden, weight, bias, lora_a, lora_b, gather_ids, maskf, top_ids, lse, beta = ctx.saved_tensors
         plan: _Plan = ctx.plan
         dtype, mm, v = plan.dtype, plan.matmul_dtype, plan.vocab
-        need_h, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        need_h, need_w, need_bias, need_a, need_b = (_engine_needs(ctx, i) for i in range(5))
         g_gathered, g_top = g_gathered.to(dtype), g_top.to(dtype)
         g_mass = g_mass.to(dtype) if maskf is not None else torch.zeros_like(lse)
         a = -(g_gathered.sum(1) + g_top.sum(1) + g_mass)  # (N,)
@@ -385,6 +407,7 @@ def fused_student_path(
     ids: Tensor,
     boundary_mask: Tensor | None = None,
     *,
+    rows: Tensor | None = None,
     chunk_elements: int = FUSED_CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
     """ℓ^S and σ^S from the hidden states: :func:`xtd.losses.student_path` without logits.
@@ -397,6 +420,8 @@ def fused_student_path(
         layer: the output layer.
         ids: (B, S) int student token ids (padding rows may hold anything, e.g. −100).
         boundary_mask: (V,) bool boundary tokens B_S; None gives σ^S = 0.
+        rows: (B, S) bool, the rows to compute (the real tokens of a right-padded batch);
+            the output layer runs on these only, and ℓ^S, σ^S are 0 elsewhere. None: all.
         chunk_elements: rows × V per slab.
 
     Returns:
@@ -410,9 +435,22 @@ def fused_student_path(
         )
     bsz = ids.shape[0]
     next_ids = torch.cat([ids[:, 1:], ids.new_zeros(bsz, 1)], dim=1)[:, : ids.shape[1]]  # row r → token r + 1
-    out = fused_output(
-        hidden, layer, gather_ids=next_ids[..., None], boundary_mask=boundary_mask, chunk_elements=chunk_elements
-    )
-    tok = out.gathered_logprob[..., 0]  # (B, S)
+    if rows is None:
+        out = fused_output(
+            hidden, layer, gather_ids=next_ids[..., None], boundary_mask=boundary_mask, chunk_elements=chunk_elements
+        )
+        tok, mass = out.gathered_logprob[..., 0], out.boundary_logmass  # (B, S)
+    else:
+        if rows.shape != ids.shape:
+            raise DataError(f"rows {tuple(rows.shape)} do not match ids {tuple(ids.shape)}")
+        sel = rows.reshape(-1).nonzero().squeeze(1)  # (N,) flat rows to compute
+        out = fused_output(
+            hidden.reshape(-1, hidden.shape[-1]).index_select(0, sel), layer,
+            gather_ids=next_ids.reshape(-1, 1).index_select(0, sel), boundary_mask=boundary_mask,
+            chunk_elements=chunk_elements,
+        )  # fmt: skip
+        zeros = out.boundary_logmass.new_zeros(ids.numel())
+        tok = zeros.index_copy(0, sel, out.gathered_logprob[:, 0]).reshape(ids.shape)
+        mass = zeros.index_copy(0, sel, out.boundary_logmass).reshape(ids.shape)
     logprob = torch.cat([tok.new_zeros(bsz, 1), tok[:, :-1]], dim=1)[:, : ids.shape[1]].clamp(LOGPROB_FLOOR, 0.0)
-    return logprob, out.boundary_logmass.clamp(LOGPROB_FLOOR, 0.0)
+    return logprob, mass.clamp(LOGPROB_FLOOR, 0.0)

@@ -52,11 +52,12 @@ from xtd.losses._baselines import (
     count_mined_terms,
     count_sft_tokens,
     kd_topk_loss,
+    kd_topk_loss_from_logprob,
     mined_loss,
     sft_loss,
     uld_loss,
 )
-from xtd.losses._fused import OutputLayer, fused_student_path
+from xtd.losses._fused import OutputLayer, fused_output, fused_student_path
 from xtd.losses._latents import count_scored_chunks, latents_loss, make_latent_projection
 from xtd.losses._mined_map import build_mined_map
 from xtd.tokenization import ByteTokenizer, tokenizer_from_json
@@ -137,6 +138,7 @@ class StudentOutputs:
         logits_: (B, S, V') float32 logits, or None.
         hidden: (B, S, H) final hidden states (after the last norm), or None.
         output_layer: the head, to use with ``hidden`` when ``logits_`` is None.
+        rows: (B, S) bool, the rows the fused path computes (real tokens), or None for all.
     """
 
     input_ids: Tensor
@@ -144,6 +146,7 @@ class StudentOutputs:
     logits_: Tensor | None = None
     hidden: Tensor | None = None
     output_layer: OutputLayer | None = None
+    rows: Tensor | None = None
 
     @cached_property
     def path(self) -> tuple[Tensor, Tensor]:
@@ -152,7 +155,7 @@ class StudentOutputs:
             return student_path(self.logits_, self.input_ids, self.boundary_mask)
         if self.hidden is None or self.output_layer is None:
             raise ConfigError("the student's outputs hold neither logits nor hidden states with an output layer")
-        return fused_student_path(self.hidden, self.output_layer, self.input_ids, self.boundary_mask)
+        return fused_student_path(self.hidden, self.output_layer, self.input_ids, self.boundary_mask, rows=self.rows)
 
     def logits(self) -> Tensor:
         """(B, S, V') logits; materialised from the hidden states when only those were kept."""
@@ -224,6 +227,9 @@ class LossSpec:
         needs_chunks: reads the aligned chunks (every cross-tokenizer loss).
         same_tokenizer: only for a student with the teacher's tokenizer.
         needs_hidden_states: compares the student's final hidden states.
+        needs_logits: reads the student's full (B, S, V') logits; without it the objective
+            may skip the model's lm_head and pass final hidden states and the output layer
+            (the fused path: :func:`xtd.losses.fused_output`, no logits held in full).
         setup: builds the loss's per-run state once, before training, or None.
     """
 
@@ -237,6 +243,7 @@ class LossSpec:
     needs_chunks: bool = True
     same_tokenizer: bool = False
     needs_hidden_states: bool = False
+    needs_logits: bool = False
     setup: SetupFn | None = None
 
 
@@ -343,6 +350,13 @@ def _sft(inputs: LossInputs, normalizer: float) -> tuple[Tensor, Mapping[str, fl
 
 def _kd(inputs: LossInputs, normalizer: float) -> tuple[Tensor, Mapping[str, float]]:
     out, b = inputs.outputs(), inputs.batch
+    if out.logits_ is None and out.hidden is not None and out.output_layer is not None:
+        # Fused: the student's log-probs of the teacher's top-k ids, slab by slab.
+        student_topk = fused_output(out.hidden, out.output_layer, gather_ids=b["teacher_topk_ids"]).gathered_logprob
+        term = kd_topk_loss_from_logprob(
+            student_topk, b["teacher_topk_logprobs"], b["teacher_tail_logmass"], b["sft_mask"], normalizer=normalizer
+        )
+        return term, {}
     term = kd_topk_loss(
         out.logits(), b["teacher_topk_ids"], b["teacher_topk_logprobs"], b["teacher_tail_logmass"], b["sft_mask"],
         normalizer=normalizer, vocab_size=out.vocab_size,
@@ -439,11 +453,11 @@ register(LossSpec(
 ))  # fmt: skip
 register(LossSpec(
     name="uld", summary="universal logit distillation at aligned chunk ends",
-    count=_count_scored_chunks, compute=_uld, needs_topk=True,
+    count=_count_scored_chunks, compute=_uld, needs_topk=True, needs_logits=True,
 ))  # fmt: skip
 register(LossSpec(
     name="mined", summary="MinED: top-k through a minimum-edit-distance vocabulary map",
-    count=_count_mined_terms, compute=_mined, needs_topk=True, setup=_mined_setup,
+    count=_count_mined_terms, compute=_mined, needs_topk=True, needs_logits=True, setup=_mined_setup,
 ))  # fmt: skip
 register(LossSpec(
     name="latents", summary="final hidden states at chunk ends",
