@@ -189,6 +189,10 @@ class StepObjective:
         terms, stats = self.objective.terms(outputs, batch, normalizers)
         return terms, {**stats, **self.stats}
 
+    def forward_tokens(self, batch: dict[str, Tensor]) -> int:
+        """Token positions the frozen model runs on (padded micro-batches: real tokens plus padding)."""
+        return int(batch["input_ids"].numel())
+
     def combine(
         self, terms: Mapping[str, Tensor], counts: Mapping[str, int], last_block: Sequence[nn.Parameter]
     ) -> tuple[Tensor, dict[str, float]]:
