@@ -9,7 +9,10 @@ pass to the hidden states (and to the output weight when it trains):
   them, then :func:`xtd.losses.student_path` (already slab-wise, with no (B, S, V)
   autograd buffers of its own);
 * ``fused``: :func:`xtd.losses.fused_student_path` from the hidden states, never holding
-  (B, S, V).
+  (B, S, V);
+* ``hf_sft``: what a bare Hugging Face SFT step puts on top of the decoder: the logits of its
+  ``lm_head`` and ``F.cross_entropy`` on the next tokens (SFT only, no ALM), the baseline
+  the issue compares the fused step with at V = 128k.
 
 V is 49,152 (SmolLM2), 128,256 (Llama 3) and 256,000 (Gemma 2). The output weight is
 frozen (as under LoRA, the paper's recipe) or trains (full fine-tuning; its gradient,
@@ -17,7 +20,8 @@ V × H floats, then necessarily grows with V). Each configuration runs in a fres
 process; the peak is the process's resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before the step) minus the resident set before it, so the
 weight, the hidden states and the inputs, which exist before the step, are not counted.
-Target: the fused step's peak at 256k ≤ 1.1× its peak at 49k (frozen weight). Run:
+Targets: the fused step's peak at 256k ≤ 1.1× its peak at 49k (frozen weight), and below the
+bare HF SFT head's at 128k. Run:
 ``python bench/memory.py [--quick]``.
 """
 
@@ -90,14 +94,18 @@ def one(vocab: int, path: str, trainable: bool, bsz: int, seq: int, chunk: int) 
     before_kb = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     start = time.perf_counter()
-    if path == "fused":
-        layer = OutputLayer(weight=weight, vocab_size=vocab)
-        logprob, sigma = fused_student_path(hidden, layer, ids, boundary, chunk_elements=chunk)
+    if path == "hf_sft":  # a bare HF causal-LM loss: logits, then cross-entropy on the next token
+        logits = F.linear(hidden, weight)  # (B, S, V)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
     else:
-        logits = F.linear(hidden, weight)  # (B, S, V), as an lm_head builds them
-        logprob, sigma = student_path(logits, ids, boundary)
-    alm, _ = alm_loss(logprob, sigma, targets)
-    loss = alm + sft_loss(logprob, targets.student_scored)
+        if path == "fused":
+            layer = OutputLayer(weight=weight, vocab_size=vocab)
+            logprob, sigma = fused_student_path(hidden, layer, ids, boundary, chunk_elements=chunk)
+        else:
+            logits = F.linear(hidden, weight)  # (B, S, V), as an lm_head builds them
+            logprob, sigma = student_path(logits, ids, boundary)
+        alm, _ = alm_loss(logprob, sigma, targets)
+        loss = alm + sft_loss(logprob, targets.student_scored)
     loss.backward()
     seconds = time.perf_counter() - start
     peak_kb = _status_kb("VmHWM")
@@ -129,7 +137,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         _spawn(v, path, trainable, bsz, seq, chunk)
         for trainable in (False, True)
         for v in vocabs
-        for path in ("materialised", "fused")
+        for path in ("materialised", "fused", "hf_sft")
     ]
     peak = {(r["vocab"], r["path"], r["trainable"]): r["peak_mb"] for r in rows}
     for v in vocabs:  # the two paths compute the same loss
@@ -150,10 +158,15 @@ def run(quick: bool = False) -> dict[str, Any]:
             metrics[f"fused_over_materialised.{label}_weight.v{v}"] = peak[(v, "fused", trainable)] / peak[
                 (v, "materialised", trainable)
             ]
+            metrics[f"fused_over_hf_sft.{label}_weight.v{v}"] = peak[(v, "fused", trainable)] / peak[
+                (v, "hf_sft", trainable)
+            ]
+    mid = vocabs[1]
     return result(
         "memory",
         setup=(
-            f"{bsz} × {seq} rows of hidden size {HIDDEN} through a synthetic output layer, ALM + SFT, one "
+            f"{bsz} × {seq} rows of hidden size {HIDDEN} through a synthetic output layer, ALM + SFT (hf_sft: "
+            f"logits + cross-entropy as a bare HF step), one "
             f"forward + backward per fresh process; peak resident memory above the step's start (VmHWM); "
             f"vocabularies {', '.join(f'{v:,}' for v in vocabs)}; fused slabs of {chunk:,} logits"
         ),
@@ -164,6 +177,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             ),
             f"fused ÷ materialised peak memory at V {hi:,} (frozen weight)": target(
                 peak[(hi, "fused", False)] / peak[(hi, "materialised", False)], "<=", 1.0, unit="x"
+            ),
+            f"fused ALM+SFT ÷ bare HF SFT head peak memory at V {mid:,} (frozen weight)": target(
+                peak[(mid, "fused", False)] / peak[(mid, "hf_sft", False)], "<", 1.0, unit="x"
             ),
         },
     )
