@@ -20,7 +20,7 @@ from xtd.checkpoint import RunCounters, truncate_metrics
 from xtd.config import TrainConfig
 from xtd.errors import ConfigError
 from xtd.train import (
-    _format_line,
+    format_line,
     latest_checkpoint,
     lr_at,
     save_checkpoint,
@@ -160,7 +160,7 @@ def test_truncate_metrics_drops_replayed_steps(tmp_path: Path) -> None:
 
 def test_log_line_format() -> None:
     record = {"step": 120, "max_steps": 2000, "loss": 2.3141, "alm": 1.9212, "sft": 0.3929, "lr": 3e-4, "tokens_per_s": 8100.0}
-    assert _format_line(record, ("alm", "sft")) == "step 120/2000 | loss 2.314 (alm 1.921, sft 0.393) | lr 3.0e-04 | 8.1k tok/s"
+    assert format_line(record, ("alm", "sft")) == "step 120/2000 | loss 2.314 (alm 1.921, sft 0.393) | lr 3.0e-04 | 8.1k tok/s"
 
 
 # ----------------------------------------------------------------------------- end to end on a tiny store

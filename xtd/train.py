@@ -36,6 +36,7 @@ import torch
 from xtd.alignment_cache import check_cache
 from xtd.checkpoint import (
     METRICS_FILE,
+    LoadedCheckpoint,
     RunCounters,
     append_metrics,
     apply_checkpoint,
@@ -50,7 +51,7 @@ from xtd.checkpoint import (
     trainable_parameters,
     truncate_metrics,
 )
-from xtd.config import OptimSettings, TrainConfig, flag
+from xtd.config import HypernetTrainConfig, OptimSettings, TrainConfig, flag
 from xtd.errors import ConfigError, StoreFormatError, TokenizerMismatchError
 from xtd.eval_sets import TrainEvaluator
 from xtd.losses.registry import LossSpec, RunInfo, check_stores, loss_specs
@@ -111,6 +112,22 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, schedule: 
     return lr * (1.0 - progress)
 
 
+def open_finished_stores(urls: Sequence[str]) -> list[tuple[str, StoreReader]]:
+    """Open every store; refuse an unfinished one (``xtd train`` and ``xtd hypernet train``).
+
+    Raises:
+        StoreFormatError: an unfinished store.
+    """
+    stores = [(url, open_store(url)) for url in urls]
+    for url, reader in stores:
+        if not reader.complete:
+            raise StoreFormatError(
+                f"store {url!r} is unfinished ({len(reader)} documents committed); rerun the same "
+                "xtd precompute command to finish it, then train"
+            )
+    return stores
+
+
 def resolve_stores(
     urls: Sequence[str], losses: Sequence[LossSpec], student_tokenizer: ByteTokenizer, config: TrainConfig
 ) -> list[tuple[str, StoreReader]]:
@@ -121,13 +138,7 @@ def resolve_stores(
         TokenizerMismatchError: a same-tokenizer loss with another student tokenizer, or an
             ``xtd align --cache`` made only for other student tokenizers.
     """
-    stores = [(url, open_store(url)) for url in urls]
-    for url, reader in stores:
-        if not reader.complete:
-            raise StoreFormatError(
-                f"store {url!r} is unfinished ({len(reader)} documents committed); rerun the same "
-                "xtd precompute command to finish it, then train"
-            )
+    stores = open_finished_stores(urls)
     check_stores(losses, stores, student_tokenizer, config.alm)
     for url, _ in stores:
         check_cache(url, student_tokenizer)
@@ -239,17 +250,7 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
     )
 
     # 5. Resume: weights, optimizer, RNG and data position.
-    start_step, counters = 0, RunCounters()
-    if loaded is not None:
-        apply_checkpoint(loaded, root, optimizer)
-        start_step, counters = loaded.step, loaded.counters
-        logger.info("resuming from %s (step %d)", checkpoint, start_step)
-        if ctx.main:
-            truncate_metrics(out / METRICS_FILE, start_step)
-    elif config.resume:
-        logger.info("no checkpoint in %s; starting from step 0", out)
-        if ctx.main:  # records of a run killed before its first checkpoint are replayed
-            truncate_metrics(out / METRICS_FILE, 0)
+    start_step, counters = resume_state(checkpoint, loaded, root, optimizer, resume=config.resume, out=out, ctx=ctx)
 
     # 6. Data: this rank's micro-batches of each step, prepared in DataLoader workers.
     data = build_train_data(
@@ -268,18 +269,9 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
     if gradmag and any(w != 1.0 for w in objective.weights.values()):
         logger.info("%s is on: fixed %s cancel out and are ignored", flag("gradmag"), flag("loss_weights"))
 
-    def after_step(step: int, record: MetricsRecord) -> None:
-        """The main rank's bookkeeping after every step: log, metrics, checkpoint."""
-        if not ctx.main:
-            return
-        if step % config.log_every == 0 or step == config.max_steps:
-            logger.info(_format_line(record, objective.names))
-            append_metrics(out, record)
-        if progress is not None:
-            progress(record)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(out, step, root, optimizer, config, counters)
-            prune_checkpoints(out, config.keep_checkpoints)
+    after_step = step_bookkeeping(
+        config, ctx, root, optimizer, counters, progress, line=lambda record: format_line(record, objective.names)
+    )
 
     # 7. The loop.
     history = train_steps(
@@ -293,8 +285,7 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
     # 8. Save the student (LoRA merged) with a card naming the store and every setting.
     if ctx.main:
         if config.max_steps > start_step:
-            save_checkpoint(out, config.max_steps, root, optimizer, config, counters)
-            prune_checkpoints(out, config.keep_checkpoints)
+            save_final_checkpoint(config, root, optimizer, counters)
         card = {
             **config.flat_dict(),  # every setting, one row each in the model card
             "store": ", ".join(config.store),
@@ -309,6 +300,71 @@ def _run(config: TrainConfig, ctx: Distributed, progress: Callable[[MetricsRecor
     ctx.barrier()
     history = history if ctx.main else []
     return TrainResult(out=out, steps=config.max_steps, tokens=counters.tokens, losses=last, history=history)
+
+
+# --------------------------------------------------------------------------------------
+# Run-folder bookkeeping shared by xtd train and xtd hypernet train
+# --------------------------------------------------------------------------------------
+
+RunConfig = TrainConfig | HypernetTrainConfig
+
+
+def resume_state(
+    checkpoint: Path | None, loaded: LoadedCheckpoint | None, root: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+    resume: bool, out: Path, ctx: Distributed,
+) -> tuple[int, RunCounters]:
+    """Apply a loaded checkpoint (weights, optimizer, RNG) and cut ``metrics.jsonl`` back to it.
+
+    Returns:
+        ``(start_step, counters)``: 0 and fresh counters without a checkpoint.
+    """
+    if loaded is not None:
+        apply_checkpoint(loaded, root, optimizer)
+        logger.info("resuming from %s (step %d)", checkpoint, loaded.step)
+        if ctx.main:
+            truncate_metrics(out / METRICS_FILE, loaded.step)
+        return loaded.step, loaded.counters
+    if resume:
+        logger.info("no checkpoint in %s; starting from step 0", out)
+        if ctx.main:  # records of a run killed before its first checkpoint are replayed
+            truncate_metrics(out / METRICS_FILE, 0)
+    return 0, RunCounters()
+
+
+def step_bookkeeping(
+    config: RunConfig,
+    ctx: Distributed,
+    root: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    counters: RunCounters,
+    progress: Callable[[MetricsRecord], None] | None,
+    *,
+    line: Callable[[MetricsRecord], str],
+) -> Callable[[int, MetricsRecord], None]:
+    """The main rank's bookkeeping after every step: log ``line(record)``, metrics, checkpoint."""
+    out = Path(config.out)
+
+    def after_step(step: int, record: MetricsRecord) -> None:
+        if not ctx.main:
+            return
+        if step % config.log_every == 0 or step == config.max_steps:
+            logger.info(line(record))
+            append_metrics(out, record)
+        if progress is not None:
+            progress(record)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
+            save_checkpoint(out, step, root, optimizer, config, counters)  # type: ignore[arg-type]
+            prune_checkpoints(out, config.keep_checkpoints)
+
+    return after_step
+
+
+def save_final_checkpoint(
+    config: RunConfig, root: torch.nn.Module, optimizer: torch.optim.Optimizer, counters: RunCounters
+) -> None:
+    """The checkpoint of the last step (a finished run resumes as "nothing to do")."""
+    save_checkpoint(Path(config.out), config.max_steps, root, optimizer, config, counters)  # type: ignore[arg-type]
+    prune_checkpoints(Path(config.out), config.keep_checkpoints)
 
 
 # --------------------------------------------------------------------------------------
@@ -457,13 +513,15 @@ def _reduce_stats(per_batch: list[dict[str, float]], ctx: Distributed | None) ->
     return out
 
 
-def _format_line(record: MetricsRecord, terms: tuple[str, ...]) -> str:
+def format_line(record: MetricsRecord, terms: tuple[str, ...], extra: str = "") -> str:
+    """One log line: step, loss (and its terms), ``extra`` (e.g. `` | V 3,140, …``), lr and throughput."""
     parts = ", ".join(f"{n} {record[n]:.3f}" for n in terms if n in record)
-    rate = record["tokens_per_s"]
+    rate = float(record["tokens_per_s"])
     rate_s = f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
     return (
         f"step {record['step']}/{record['max_steps']} | loss {record['loss']:.3f}"
         + (f" ({parts})" if len(terms) > 1 else "")
+        + extra
         + f" | lr {record['lr']:.1e} | {rate_s} tok/s"
     )
 

@@ -28,23 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from xtd.checkpoint import (
-    METRICS_FILE,
-    RunCounters,
-    append_metrics,
-    apply_checkpoint,
     finish_run_folder,
     inspect_run_folder,
     latest_checkpoint,
     load_checkpoint,
     prepare_run_folder,
-    prune_checkpoints,
-    save_checkpoint,
     save_model_into,
     trainable_parameters,
 )
-from xtd.checkpoint import truncate_metrics as _truncate_metrics
 from xtd.config import HypernetTrainConfig, flag
-from xtd.errors import ConfigError, StoreFormatError
+from xtd.errors import ConfigError
 from xtd.fvt import EmbeddingLayout
 from xtd.hypernet.data import HypernetStepDataset
 from xtd.hypernet.model import Hypernet, build_hypernet, save_hypernet
@@ -52,8 +45,15 @@ from xtd.hypernet.sampler import TokenizerSampler
 from xtd.losses.registry import RunInfo, StudentOutputs, check_stores, loss_specs
 from xtd.objective import Objective, build_objective
 from xtd.runtime import Distributed
-from xtd.storage import StoreReader, open_store
-from xtd.train import MetricsRecord, train_steps
+from xtd.train import (
+    MetricsRecord,
+    open_finished_stores,
+    resume_state,
+    save_final_checkpoint,
+    step_bookkeeping,
+    train_steps,
+)
+from xtd.train import format_line as train_format_line
 from xtd.train_data import StepData, build_train_data
 
 logger = logging.getLogger(__name__)
@@ -199,18 +199,6 @@ class StepObjective:
         return self.objective.combine(terms, counts, last_block)
 
 
-def open_stores(urls: Sequence[str]) -> list[tuple[str, StoreReader]]:
-    """Open every store; refuse an unfinished one."""
-    stores = [(url, open_store(url)) for url in urls]
-    for url, reader in stores:
-        if not reader.complete:
-            raise StoreFormatError(
-                f"store {url!r} is unfinished ({len(reader)} documents committed); rerun the same "
-                "xtd precompute command to finish it, then train"
-            )
-    return stores
-
-
 def train_hypernet(
     config: HypernetTrainConfig, *, progress: Callable[[MetricsRecord], None] | None = None
 ) -> HypernetTrainResult:
@@ -248,7 +236,7 @@ def _run(
         return HypernetTrainResult(out=out, steps=config.max_steps, tokens=0, nothing_to_do=True)
     losses = loss_specs(config.loss_names())
     base_tokenizer = model_tokenizer(config.model)
-    stores = open_stores(config.store)
+    stores = open_finished_stores(config.store)
     check_stores(losses, stores, base_tokenizer, config.alm)
     fixed = load_tokenizer(config.fixed_tokenizer) if config.fixed_tokenizer else None
     if config.data.num_workers:
@@ -282,13 +270,7 @@ def _run(
     optimizer = torch.optim.AdamW(
         params, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), weight_decay=optim.weight_decay
     )
-    start_step, counters = 0, RunCounters()
-    if loaded is not None:
-        apply_checkpoint(loaded, root, optimizer)
-        start_step, counters = loaded.step, loaded.counters
-        logger.info("resuming from %s (step %d)", checkpoint, start_step)
-    if config.resume and ctx.main:
-        _truncate_metrics(out / METRICS_FILE, start_step)
+    start_step, counters = resume_state(checkpoint, loaded, root, optimizer, resume=config.resume, out=out, ctx=ctx)
 
     # 5. Data: each step's tokenizer, micro-batches and vocabulary.
     data = build_train_data(
@@ -320,17 +302,9 @@ def _run(
                 objective.stats = {**item["stats"], "data_wait_s": waited}
                 yield step, item  # type: ignore[misc]
 
-    def after_step(step: int, record: MetricsRecord) -> None:
-        if not ctx.main:
-            return
-        if step % config.log_every == 0 or step == config.max_steps:
-            logger.info(format_line(record, objective.names))
-            append_metrics(out, record)
-        if progress is not None:
-            progress(record)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(out, step, root, optimizer, config, counters)  # type: ignore[arg-type]
-            prune_checkpoints(out, config.keep_checkpoints)
+    after_step = step_bookkeeping(
+        config, ctx, root, optimizer, counters, progress, line=lambda record: format_line(record, objective.names)
+    )
 
     # 6. The loop (xtd train's).
     history = train_steps(
@@ -342,8 +316,7 @@ def _run(
     # 7. Save the hypernetwork (with its config and training settings) into the run folder.
     if ctx.main:
         if config.max_steps > start_step:
-            save_checkpoint(out, config.max_steps, root, optimizer, config, counters)  # type: ignore[arg-type]
-            prune_checkpoints(out, config.keep_checkpoints)
+            save_final_checkpoint(config, root, optimizer, counters)
         bundle.hypernet.to("cpu")
         metadata = {
             "train": config.to_dict(),
@@ -360,14 +333,8 @@ def _run(
 
 
 def format_line(record: MetricsRecord, terms: tuple[str, ...]) -> str:
-    """One log line: step, loss (and terms), the step's tokenizer, lr and throughput."""
-    parts = ", ".join(f"{n} {record[n]:.3f}" for n in terms if n in record)
-    rate = float(record["tokens_per_s"])
-    rate_s = f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
-    return (
-        f"step {record['step']}/{record['max_steps']} | loss {record['loss']:.3f}"
-        + (f" ({parts})" if len(terms) > 1 else "")
-        + f" | V {int(record.get('vocab_size', 0)):,}, {float(record.get('bytes_per_token', 0.0)):.2f} bytes/token"
-        + f" | lr {record['lr']:.1e} | {rate_s} tok/s"
-    )
-
+    """One log line: :func:`xtd.train.format_line` with the step's tokenizer (size, bytes per token)."""
+    return train_format_line(
+        record, terms,
+        extra=f" | V {int(record.get('vocab_size', 0)):,}, {float(record.get('bytes_per_token', 0.0)):.2f} bytes/token",
+    )  # fmt: skip
