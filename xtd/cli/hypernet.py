@@ -7,17 +7,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.progress import TextColumn
 
 from xtd.cli._app import app
 from xtd.cli._options import config_command
+from xtd.cli.train import print_run_result, saved_run_settings
 from xtd.config import HypernetApplyConfig, HypernetTrainConfig
-from xtd.console import console, progress_bar, results
+from xtd.console import progress_bar, results
 
 group = typer.Typer(
     name="hypernet",
@@ -44,21 +43,7 @@ TRAIN_EXAMPLES = """
 """
 
 
-def _saved_settings(typed: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """With ``--resume``, the settings saved in ``--out`` (the flags typed then override them)."""
-    if not typed.get("resume") or typed.get("out") is None:
-        return None
-    from xtd.checkpoint import read_run_marker, saved_config
-
-    out = Path(typed["out"])
-    if out.is_dir() and any(out.iterdir()) and read_run_marker(out) is None:
-        return None  # a folder xtd did not write: training refuses it, naming what it holds
-    saved = dict(saved_config(out))
-    saved.pop("overwrite", None)
-    return saved
-
-
-@config_command("train", HypernetTrainConfig, group=group, epilog=TRAIN_EXAMPLES, resume_from=_saved_settings)
+@config_command("train", HypernetTrainConfig, group=group, epilog=TRAIN_EXAMPLES, resume_from=saved_run_settings)
 def train_command(
     config: HypernetTrainConfig,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as one line of JSON.")] = False,
@@ -87,17 +72,7 @@ def train_command(
             )
 
         result = train_hypernet(config, progress=report)
-    summary = {
-        "out": str(result.out), "steps": result.steps, "tokens": result.tokens, "losses": result.losses,
-        "nothing_to_do": result.nothing_to_do,
-    }  # fmt: skip
-    if as_json:
-        typer.echo(json.dumps(summary))
-    elif result.nothing_to_do:
-        console.print(f"{result.out} already holds this finished run; nothing to do", highlight=False)
-    else:
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
-        results.print(f"trained {result.steps} steps ({result.tokens:,} tokens) → {result.out}" + (f" | {losses}" if losses else ""), highlight=False)
+    print_run_result(result, as_json=as_json)
 
 
 APPLY_EXAMPLES = """

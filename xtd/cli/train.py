@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import TextColumn
@@ -21,6 +21,10 @@ from rich.progress import TextColumn
 from xtd.cli._options import config_command
 from xtd.config import TrainConfig
 from xtd.console import console, progress_bar, results
+
+if TYPE_CHECKING:
+    from xtd.hypernet.train import HypernetTrainResult
+    from xtd.train import TrainResult
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -43,8 +47,9 @@ EXAMPLES = """
 """
 
 
-def _saved_settings(typed: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """With ``--resume``, the settings saved in ``--out`` (the flags typed then override them)."""
+def saved_run_settings(typed: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """With ``--resume``, the settings saved in ``--out`` (the flags typed then override them);
+    ``xtd train`` and ``xtd hypernet train`` read their run folders this way."""
     if not typed.get("resume") or typed.get("out") is None:
         return None
     from xtd.checkpoint import read_run_marker, saved_config
@@ -57,7 +62,7 @@ def _saved_settings(typed: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return saved
 
 
-@config_command("train", TrainConfig, epilog=EXAMPLES, resume_from=_saved_settings)
+@config_command("train", TrainConfig, epilog=EXAMPLES, resume_from=saved_run_settings)
 def train_command(
     config: TrainConfig,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as one line of JSON.")] = False,
@@ -85,6 +90,11 @@ def train_command(
             )
 
         result = train(config, progress=report)
+    print_run_result(result, as_json=as_json)
+
+
+def print_run_result(result: TrainResult | HypernetTrainResult, *, as_json: bool) -> None:
+    """A finished run on stdout (``xtd train`` and ``xtd hypernet train``): one JSON line, or a sentence."""
     summary = {
         "out": str(result.out), "steps": result.steps, "tokens": result.tokens, "losses": result.losses,
         "nothing_to_do": result.nothing_to_do,
