@@ -204,8 +204,19 @@ def main() -> int:
         print(f"# {name}\n{shlex.join(argv)}")
     if args.dry_run:
         return 0
+    return run_plan(plan, {"train": "config.json"})
+
+
+def run_plan(plan: list[tuple[str, list[str]]], done_files: dict[str, str]) -> int:
+    """Run each ``(name, argv)`` in order; a step whose kind (the name's first word) is in
+    ``done_files`` is skipped when that file exists in its ``--out`` (finished earlier).
+
+    Returns:
+        0, or the exit code of the first step that failed.
+    """
     for name, argv in plan:
-        if name.startswith("train ") and (Path(argv[argv.index("--out") + 1]) / "config.json").exists():
+        done = done_files.get(name.split()[0])
+        if done and (Path(argv[argv.index("--out") + 1]) / done).exists():
             continue  # finished earlier
         print(f"== {name}", flush=True)
         result = subprocess.run(argv, check=False)

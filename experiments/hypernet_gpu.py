@@ -34,16 +34,16 @@ import argparse
 import dataclasses
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_recipe import KNOWN_PARAMETERS, PEAK_BF16_TFLOPS  # noqa: E402
+from gpu_recipe import KNOWN_PARAMETERS, PEAK_BF16_TFLOPS, run_plan  # noqa: E402
 
-from xtd.config import ConfigBase, HypernetTrainConfig  # noqa: E402
+from xtd.cli._options import config_args  # noqa: E402
+from xtd.config import HypernetTrainConfig  # noqa: E402
 
 TOKENIZERS = ("gpt2", "llama3", "mistral-v1", "qwen3")
 METHODS = {"ALM": "alm", "SFT": "sft"}
@@ -64,28 +64,6 @@ class Recipe:
     max_vocab: int = 32_768  # tokens predicted per step (the softmax's sample)
     hn_layers: int = 3
     eval_length: int = 512
-
-
-def config_args(verb: list[str], config: ConfigBase) -> list[str]:
-    """``xtd`` arguments that rebuild ``config`` (every setting that differs from its default)."""
-    args = ["xtd", *verb]
-    values = config.flat_dict()
-    for leaf in type(config).leaves():
-        value = values[leaf.key]
-        value = tuple(value) if isinstance(value, list) else value
-        if not leaf.required and value == leaf.default:
-            continue
-        flag = "--" + leaf.key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + leaf.key.replace("_", "-"))
-        elif isinstance(value, tuple) and leaf.sep:
-            args += [flag, leaf.sep.join(value)]
-        elif isinstance(value, tuple):
-            for item in value:
-                args += [flag, str(item)]
-        else:
-            args += [flag, str(value)]
-    return args
 
 
 def hypernet_configs(recipe: Recipe, out: Path) -> list[HypernetTrainConfig]:
@@ -112,7 +90,7 @@ def commands(recipe: Recipe, out: Path) -> list[tuple[str, list[str]]]:
                               "--limit", str(recipe.limit), "--write-eval-sets"]),
     ]  # fmt: skip
     configs = hypernet_configs(recipe, out)
-    steps += [(f"train {Path(c.out).name}", config_args(["hypernet", "train"], c)) for c in configs]
+    steps += [(f"train {Path(c.out).name}", ["xtd", "hypernet", "train", *config_args(c)]) for c in configs]
     models = [recipe.base]
     for name in TOKENIZERS:
         fvt = out / f"fvt-{name}"
@@ -177,16 +155,7 @@ def main() -> int:
         print(f"# {name}\n{shlex.join(argv)}")
     if args.dry_run:
         return 0
-    for name, argv in plan:
-        done = {"train": "hypernet.json", "fvt": "config.json", "apply": "config.json"}.get(name.split()[0])
-        if done and (Path(argv[argv.index("--out") + 1]) / done).exists():
-            continue  # finished earlier
-        print(f"== {name}", flush=True)
-        result = subprocess.run(argv, check=False)
-        if result.returncode:
-            print(f"error: step {name!r} failed with exit code {result.returncode}", file=sys.stderr)
-            return result.returncode
-    return 0
+    return run_plan(plan, {"train": "hypernet.json", "fvt": "config.json", "apply": "config.json"})
 
 
 if __name__ == "__main__":

@@ -68,6 +68,6 @@ def test_gpu_recipe_dry_run_prints_commands_that_parse_to_its_configs(tmp_path: 
     monkeypatch.setattr(xtd.hypernet.train, "train_hypernet", lambda config, progress=None: seen.append(config) or _Result())
     configs = hypernet_gpu.hypernet_configs(hypernet_gpu.Recipe(), tmp_path / "gpu")
     for config in configs:
-        result = CliRunner().invoke(app, hypernet_gpu.config_args(["hypernet", "train"], config)[1:])
+        result = CliRunner().invoke(app, ["hypernet", "train", *hypernet_gpu.config_args(config)])
         assert result.exit_code == 0, result.output
     assert seen == configs and {c.losses for c in configs} == {"alm", "sft"}
