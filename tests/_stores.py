@@ -15,6 +15,18 @@ from typing import Any
 from xtd.tokenization import BOUNDARY_CLASSES
 
 
+def corpus_texts(n: int = 8, chars: int = 400) -> list[str]:
+    """The first ``n`` documents of the embedded corpus, cut to ``chars`` characters."""
+    from xtd.assets import iter_embedded_corpus
+
+    texts = []
+    for record in iter_embedded_corpus():
+        texts.append(record["text"][:chars])
+        if len(texts) == n:
+            break
+    return texts
+
+
 def make_tiny_store(
     tmp_path: Path,
     teacher_dir: str | Path,

@@ -30,14 +30,9 @@ _TIMING = {"tokens_per_s", "step_time_s", "eta_s"}
 
 
 def _texts(n: int = 8, chars: int = 400) -> list[str]:
-    from xtd.assets import iter_embedded_corpus
+    from _stores import corpus_texts
 
-    texts = []
-    for record in iter_embedded_corpus():
-        texts.append(record["text"][:chars])
-        if len(texts) == n:
-            break
-    return texts
+    return corpus_texts(n, chars)
 
 
 def _metrics(run: Path, steps: int = 5) -> list[dict[str, Any]]:

@@ -21,14 +21,9 @@ _TIMING = ("tokens_per_s", "step_time_s", "eta_s", "sample_s", "data_s", "data_w
 
 
 def _texts() -> list[str]:
-    from xtd.assets import iter_embedded_corpus
+    from _stores import corpus_texts
 
-    texts = []
-    for record in iter_embedded_corpus():
-        texts.append(record["text"][:400])
-        if len(texts) == 8:
-            break
-    return texts
+    return corpus_texts()
 
 
 @pytest.fixture(scope="module")

@@ -167,14 +167,9 @@ def test_log_line_format() -> None:
 
 
 def _texts() -> list[str]:
-    from xtd.assets import iter_embedded_corpus
+    from _stores import corpus_texts
 
-    texts = []
-    for record in iter_embedded_corpus():
-        texts.append(record["text"][:400])
-        if len(texts) == 8:
-            break
-    return texts
+    return corpus_texts()
 
 
 @pytest.fixture(scope="module")
